@@ -99,7 +99,7 @@ def detect_question_format(path: str | os.PathLike) -> str:
     raise DataFormatError(path, 1, "cannot detect the question format from the first line", hint)
 
 
-def _answers(value, regex: bool) -> tuple[str, ...]:
+def parse_answers(value, regex: bool) -> tuple[str, ...]:
     if isinstance(value, str):
         raise ValueError("answers must be a list of strings, got a single string")
     if not isinstance(value, list | tuple):
@@ -140,7 +140,7 @@ def _question_from_json(row: dict, format: str, index: int) -> Question | None:
         return Question(
             id=str(row.get("id", index)),
             question=_text(row, "question"),
-            answers=_answers(row.get("answer", row.get("answers")), regex),
+            answers=parse_answers(row.get("answer", row.get("answers")), regex),
             answers_are_regex=regex,
         )
     if format == "squad_open":
@@ -149,7 +149,7 @@ def _question_from_json(row: dict, format: str, index: int) -> Question | None:
         return Question(
             id=_text(row, "id"),
             question=_text(row, "question"),
-            answers=_answers(row.get("answers"), False),
+            answers=parse_answers(row.get("answers"), False),
             gold_passage_ids=(_text(row, "passage_id"),),
         )
     if format == "nq_gold":
@@ -158,14 +158,14 @@ def _question_from_json(row: dict, format: str, index: int) -> Question | None:
         return Question(
             id=nq_gold_question_id(question),
             question=question,
-            answers=_answers(row.get("answers"), False),
+            answers=parse_answers(row.get("answers"), False),
             gold_passage_ids=gold,
         )
     if format == "webquestions_json":
         return Question(
             id=str(row.get("qId", index)),
             question=_text(row, "qText"),
-            answers=_answers(row.get("answers"), False),
+            answers=parse_answers(row.get("answers"), False),
         )
     if format == "rag":
         regex = row.get("answers_are_regex", False)
@@ -177,7 +177,7 @@ def _question_from_json(row: dict, format: str, index: int) -> Question | None:
         return Question(
             id=_text(row, "id"),
             question=_text(row, "question"),
-            answers=_answers(row.get("answers"), regex),
+            answers=parse_answers(row.get("answers"), regex),
             gold_passage_ids=tuple(gold),
             answers_are_regex=regex,
         )
@@ -211,7 +211,9 @@ def _raw_questions(
                         question = _text({"question": row[0]}, "question")
                         yield (
                             start,
-                            Question(id=str(index - 1), question=question, answers=_answers(answers, False)),
+                            Question(
+                                id=str(index - 1), question=question, answers=parse_answers(answers, False)
+                            ),
                         )
                     except ValueError as e:
                         skipper.bad(start, str(e))
@@ -232,7 +234,7 @@ def _raw_questions(
                     continue
                 try:
                     question = _text({"question": fields[2]}, "question")
-                    answers = _answers([fields[3]], True)
+                    answers = parse_answers([fields[3]], True)
                 except ValueError as e:
                     skipper.bad(lineno, str(e))
                     continue
