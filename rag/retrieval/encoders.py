@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rag.retrieval.errors import RetrievalError
+
 Pooling = Literal["cls", "mean"]
 POOLINGS = ("cls", "mean")
 
@@ -38,7 +40,7 @@ POOLINGS = ("cls", "mean")
 MINILM_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-class EncoderError(ValueError):
+class EncoderError(RetrievalError, ValueError):
     """A checkpoint or an input that an encoder cannot use; the message says what to change."""
 
 

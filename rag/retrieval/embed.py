@@ -1,0 +1,371 @@
+"""Corpus embedding: d(z) for every passage, into memory-mapped ``.npy`` files that survive interruption.
+
+Layout of an embeddings directory::
+
+    embeds_<start>_<end>.npy    rows start..end-1 of the corpus, (end - start, D), float32 or float16
+    embeds_<start>_<end>.json   count, dim, dtype, SHA-256 of the rows, the encoder and the passages used
+
+A file is *finished* when its JSON exists: the ``.npy`` is written to a temporary file in the same directory
+and renamed into place (``os.replace``) before the JSON is, so an interrupted run never leaves a file that
+looks finished. A rerun skips finished files and computes the rest.
+
+The corpus is cut into ``num_shards`` contiguous shards (shard i holds rows ``i*N//n .. (i+1)*N//n - 1``),
+and each shard into files of at most ``rows_per_file`` rows (the unit of resumption). Machine or GPU ``i``
+of ``n`` runs with ``shard=i, num_shards=n``; copying all the files into one directory gives the whole
+corpus, which :func:`open_embeddings` opens as one (N, D) array.
+
+Speed: passages are tokenized once per file, sorted by token count and batched, so a batch pads only to
+its own longest passage (``scripts/bench_embed.py`` measures the gain over fixed padding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rag.retrieval.encoders import BertEncoder
+from rag.retrieval.errors import RetrievalError, RetrievalInputError
+from rag.types import Passage
+
+FORMAT_VERSION = 1
+DTYPES = ("float32", "float16")
+_FILE_RE = re.compile(r"^embeds_(\d+)_(\d+)\.json$")
+
+
+class EmbeddingsError(RetrievalError):
+    """An embeddings directory that is incomplete, damaged, or made by another encoder or corpus."""
+
+
+def corpus_checksum(passages: Sequence[Passage]) -> str:
+    """SHA-256 over the ids, titles and texts of the passages, in order: identifies a corpus in manifests."""
+    digest = hashlib.sha256()
+    for p in passages:
+        digest.update(f"{p.id}\t{p.title}\t{p.text}\n".encode())
+    return digest.hexdigest()
+
+
+def shard_range(n_rows: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """Rows ``[start, end)`` of shard ``shard`` of ``num_shards`` contiguous, near-equal shards."""
+    if num_shards < 1:
+        raise RetrievalInputError(f"num_shards must be >= 1, got {num_shards}")
+    if not 0 <= shard < num_shards:
+        raise RetrievalInputError(
+            f"shard must be in 0..{num_shards - 1} for num_shards={num_shards}, got {shard}"
+        )
+    return shard * n_rows // num_shards, (shard + 1) * n_rows // num_shards
+
+
+def _file_stem(start: int, end: int) -> str:
+    return f"embeds_{start:010d}_{end:010d}"
+
+
+def _array_checksum(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).reshape(-1)).hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class EmbedReport:
+    """What one :func:`embed_corpus` call did."""
+
+    out_dir: Path
+    computed: list[tuple[int, int]]  # row ranges embedded by this call
+    skipped: list[tuple[int, int]]  # row ranges found finished and left alone
+    rows: tuple[int, int]  # the rows of this call's shard
+
+
+def _encoder_record(encoder: BertEncoder) -> dict:
+    return {**encoder.settings(), "weights_checksum": encoder.weights_checksum(), "dim": encoder.dim}
+
+
+def _check_finished(meta: dict, path: Path, expected: dict) -> None:
+    """Raise if a finished file was made with another encoder, dtype or corpus than this run's."""
+    for key in ("encoder", "passages_sha256", "dtype"):
+        if meta.get(key) != expected[key]:
+            saved, wanted = meta.get(key), expected[key]
+            if key == "encoder":
+                diff = {k: (saved.get(k), wanted.get(k)) for k in wanted if saved.get(k) != wanted.get(k)}
+                what = f"encoder settings differ {diff}"
+            elif key == "dtype":
+                what = f"dtype {saved} was stored, {wanted} is asked for"
+            else:
+                what = "the passages of these rows differ (another corpus, or the corpus changed)"
+            raise EmbeddingsError(
+                f"{path} was made by another run than this one: {what}. Embed into a fresh directory, or "
+                f"pass overwrite=True (rag-index: embed.overwrite=true) to recompute it"
+            )
+
+
+def embed_corpus(
+    encoder: BertEncoder,
+    passages: Sequence[Passage],
+    out_dir: str | os.PathLike,
+    *,
+    batch_size: int = 64,
+    dtype: str = "float32",
+    rows_per_file: int = 65536,
+    shard: int = 0,
+    num_shards: int = 1,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> EmbedReport:
+    """Embed shard ``shard`` of ``num_shards`` of ``passages`` as (title, text) pairs into ``out_dir``.
+
+    Files already finished by an earlier (interrupted) call with the same encoder and passages are kept;
+    ``overwrite`` recomputes them. Returns which row ranges were computed and which skipped.
+    """
+    if dtype not in DTYPES:
+        raise RetrievalInputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if batch_size < 1 or rows_per_file < 1:
+        raise RetrievalInputError(
+            f"batch_size and rows_per_file must be >= 1, got {batch_size} and {rows_per_file}"
+        )
+    if len(passages) == 0:
+        raise RetrievalInputError("the corpus has no passages: nothing to embed")
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    start, end = shard_range(len(passages), shard, num_shards)
+    ranges = [(s, min(s + rows_per_file, end)) for s in range(start, end, rows_per_file)]
+
+    encoder_record = _encoder_record(encoder)
+    todo, skipped = [], []
+    for lo, hi in ranges:
+        expected = {
+            "encoder": encoder_record,
+            "dtype": dtype,
+            "passages_sha256": corpus_checksum(passages[lo:hi]),
+        }
+        meta_path = out / f"{_file_stem(lo, hi)}.json"
+        if meta_path.is_file() and not overwrite:
+            meta = json.loads(meta_path.read_text())
+            _check_finished(meta, meta_path, expected)
+            if (out / f"{_file_stem(lo, hi)}.npy").is_file():
+                skipped.append((lo, hi))
+                continue
+        todo.append((lo, hi, expected))
+
+    progress = tqdm(
+        total=end - start,
+        initial=sum(hi - lo for lo, hi in skipped),
+        desc=f"embed shard {shard}/{num_shards}",
+        unit="passage",
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
+    computed = []
+    with progress:
+        for lo, hi, expected in todo:
+            _embed_file(encoder, passages[lo:hi], out, lo, hi, batch_size, dtype, expected, progress)
+            computed.append((lo, hi))
+    return EmbedReport(out_dir=out, computed=computed, skipped=skipped, rows=(start, end))
+
+
+def _embed_file(
+    encoder: BertEncoder,
+    passages: Sequence[Passage],
+    out: Path,
+    lo: int,
+    hi: int,
+    batch_size: int,
+    dtype: str,
+    expected: dict,
+    progress: tqdm,
+) -> None:
+    stem = _file_stem(lo, hi)
+    npy_path, meta_path = out / f"{stem}.npy", out / f"{stem}.json"
+    meta_path.unlink(missing_ok=True)  # an overwritten file stops looking finished before it changes
+    for stale in out.glob(f"{stem}.*.tmp-*"):  # left by a killed run; these rows belong to this call alone
+        stale.unlink(missing_ok=True)
+    tmp_path = out / f"{stem}.npy.tmp-{os.getpid()}"
+    tokenizer = encoder.tokenizer
+    # tokenize once without padding, then sort by token count: each batch pads to its own longest row
+    tokens = tokenizer(
+        [p.title for p in passages],
+        [p.text for p in passages],
+        truncation="longest_first",
+        max_length=encoder.max_length,
+    )
+    lengths = np.array([len(ids) for ids in tokens["input_ids"]])
+    order = np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory error shows at once
+    device = encoder.device
+    rows = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.dtype(dtype), shape=(hi - lo, encoder.dim))
+    try:
+        with torch.inference_mode():
+            for b in range(0, len(order), batch_size):
+                idx = order[b : b + batch_size]
+                features = [{k: tokens[k][i] for k in tokens} for i in idx]
+                batch = tokenizer.pad(features, padding=True, return_tensors="pt")
+                batch = {k: v.to(device) for k, v in batch.items()}
+                embeds = encoder(**batch)  # (b, D)
+                rows[idx] = embeds.float().cpu().numpy().astype(dtype, copy=False)
+                progress.update(len(idx))
+        rows.flush()
+        checksum = _array_checksum(np.asarray(rows))
+        del rows
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, npy_path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "start": lo,
+        "end": hi,
+        "count": hi - lo,
+        "dim": encoder.dim,
+        "sha256": checksum,
+        **expected,
+    }
+    _atomic_write_text(meta_path, json.dumps(meta, indent=1, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+class ShardedEmbeddings:
+    """Several embeddings files seen as one read-only (N, D) array without copying them.
+
+    Supports ``len``, ``shape``, ``dtype``, integer / slice / integer-array row indexing (returning
+    ``np.ndarray``) and ``np.asarray`` (which does copy, into one array).
+    """
+
+    def __init__(self, parts: list[np.ndarray], starts: list[int]):
+        self.parts = parts
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.n_rows = int(self.starts[-1] + len(parts[-1]))
+        self.dim = int(parts[0].shape[1])
+        self.dtype = parts[0].dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_rows, self.dim)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self[np.asarray([key])][0]
+        if isinstance(key, slice):
+            return self[np.arange(self.n_rows)[key]]
+        ids = np.asarray(key, dtype=np.int64)
+        flat = ids.reshape(-1)
+        if flat.size and (flat.min() < -self.n_rows or flat.max() >= self.n_rows):
+            raise IndexError(f"row index out of range for {self.n_rows} embeddings")
+        flat = np.where(flat < 0, flat + self.n_rows, flat)
+        part_of = np.searchsorted(self.starts, flat, side="right") - 1
+        out = np.empty((flat.size, self.dim), dtype=self.dtype)
+        for p in np.unique(part_of):
+            sel = part_of == p
+            out[sel] = self.parts[p][flat[sel] - self.starts[p]]
+        return out.reshape(*ids.shape, self.dim)
+
+    def __array__(self, dtype=None, copy=None):
+        array = np.concatenate([np.asarray(p) for p in self.parts])
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+
+def read_embeddings_meta(directory: str | os.PathLike) -> list[dict]:
+    """The JSON records of the finished files of an embeddings directory, by start row."""
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise EmbeddingsError(f"no embeddings directory at {directory}: embed the corpus first (rag-index)")
+    metas = []
+    for path in sorted(directory.iterdir()):
+        if _FILE_RE.match(path.name):
+            meta = json.loads(path.read_text())
+            meta["_path"] = str(path.with_suffix(".npy"))
+            metas.append(meta)
+    return sorted(metas, key=lambda m: m["start"])
+
+
+def open_embeddings(
+    directory: str | os.PathLike,
+    expected_rows: int | None = None,
+    verify: bool = False,
+) -> np.ndarray | ShardedEmbeddings:
+    """Open all finished files of ``directory`` as one read-only (N, D) array.
+
+    One file comes back as a ``np.memmap`` (no copy); several as a :class:`ShardedEmbeddings` view over
+    their memmaps. Raises :class:`EmbeddingsError` naming the missing rows when the files do not tile
+    ``0..N-1`` (for example a shard of a multi-machine run not yet copied in), or when ``expected_rows`` is
+    given and differs. ``verify`` also checks every file's SHA-256 (reads everything once).
+    """
+    directory = Path(directory).expanduser()
+    metas = read_embeddings_meta(directory)
+    if not metas:
+        raise EmbeddingsError(
+            f"{directory} holds no finished embeddings files: run the embedding (rag-index) first"
+        )
+    parts, starts, position = [], [], 0
+    for meta in metas:
+        if meta["start"] != position:
+            what = (
+                "overlap" if meta["start"] < position else f"rows {position}..{meta['start'] - 1} are missing"
+            )
+            raise EmbeddingsError(
+                f"the embeddings files in {directory} do not tile the corpus: {what} (at "
+                f"{Path(meta['_path']).name}). Finish or copy in the missing shards (rag-index embed.shard=i "
+                "embed.num_shards=n), or remove files left from a run with other shard settings"
+            )
+        path = Path(meta["_path"])
+        if not path.is_file():
+            raise EmbeddingsError(f"{path} is missing though its JSON record exists: rerun the embedding")
+        array = np.load(path, mmap_mode="r")
+        if array.shape != (meta["count"], meta["dim"]) or str(array.dtype) != meta["dtype"]:
+            raise EmbeddingsError(
+                f"{path} holds {array.shape} {array.dtype}, its record says ({meta['count']}, {meta['dim']}) "
+                f"{meta['dtype']}: the file is damaged; delete it and its .json and rerun the embedding"
+            )
+        if verify and _array_checksum(np.asarray(array)) != meta["sha256"]:
+            raise EmbeddingsError(
+                f"{path} fails its SHA-256 check: the file is damaged; delete it and its .json and rerun"
+            )
+        parts.append(array)
+        starts.append(meta["start"])
+        position = meta["end"]
+    dims = {m["dim"] for m in metas}
+    encoders = {m["encoder"]["weights_checksum"] for m in metas}
+    if len(dims) > 1 or len(encoders) > 1:
+        raise EmbeddingsError(
+            f"the files in {directory} come from {len(encoders)} encoders / dims {sorted(dims)}: "
+            "keep one encoder's embeddings per directory"
+        )
+    if expected_rows is not None and position != expected_rows:
+        raise EmbeddingsError(
+            f"{directory} holds embeddings of {position} passages, the corpus has {expected_rows}: "
+            f"rows {position}..{expected_rows - 1} are missing (finish the other shards) or the corpus changed"
+        )
+    if len(parts) == 1:
+        return parts[0]
+    return ShardedEmbeddings(parts, starts)
+
+
+def embeddings_encoder_record(directory: str | os.PathLike) -> dict:
+    """The encoder record (name, settings, weights checksum, dim) stored with the embeddings."""
+    metas = read_embeddings_meta(directory)
+    if not metas:
+        raise EmbeddingsError(f"{directory} holds no finished embeddings files")
+    return metas[0]["encoder"]
