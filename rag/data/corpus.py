@@ -94,6 +94,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
             with io.TextIOWrapper(sink, encoding="utf-8", newline="\n") as text:
                 for row in rows:
                     text.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; data files are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
