@@ -55,12 +55,21 @@ SQUAD_TEST_ARTICLES = (
 )
 
 
-def squad_split(article: str) -> str:
-    if article in SQUAD_DEV_ARTICLES:
+def squad_split(article: str, dev_articles=SQUAD_DEV_ARTICLES, test_articles=SQUAD_TEST_ARTICLES) -> str:
+    if article in dev_articles:
         return "dev"
-    if article in SQUAD_TEST_ARTICLES:
+    if article in test_articles:
         return "test"
     return "train"
+
+
+def gold_pieces(pieces: list[Passage], answers: tuple[str, ...]) -> tuple[list[str], bool]:
+    """Ids of the pieces of a paragraph that contain an answer string, and whether none did (an answer
+    straddling a piece boundary): then every piece of the paragraph is gold."""
+    gold = [p.id for p in pieces if any(a in p.text for a in answers)]
+    if gold:
+        return gold, False
+    return [p.id for p in pieces], True
 
 
 def nq_split(question: str) -> str:
@@ -92,7 +101,9 @@ def check_sources(data_dir: Path) -> dict[str, str]:
     return sums
 
 
-def build(data_dir: Path) -> tuple[list[Passage], dict[tuple[str, str], list[Question]], dict]:
+def build(
+    data_dir: Path, dev_articles=SQUAD_DEV_ARTICLES, test_articles=SQUAD_TEST_ARTICLES
+) -> tuple[list[Passage], dict[tuple[str, str], list[Question]], dict]:
     stats: dict = {}
     steps = tqdm(total=4, desc="mini-wiki", unit=" step")
 
@@ -109,10 +120,11 @@ def build(data_dir: Path) -> tuple[list[Passage], dict[tuple[str, str], list[Que
         pieces_of[p.id] = pieces
         squad_passages += pieces
     article_of = {p.id: p.title for p in paragraphs}
-    unknown = sorted(set(SQUAD_DEV_ARTICLES + SQUAD_TEST_ARTICLES) - set(article_of.values()))
+    unknown = sorted((set(dev_articles) | set(test_articles)) - set(article_of.values()))
     if unknown:
         sys.exit(f"error: split lists name articles not in the source: {unknown}")
     stats["squad_paragraphs"] = len(paragraphs)
+    stats["dev_articles"], stats["test_articles"] = tuple(dev_articles), tuple(test_articles)
     stats["squad_paragraphs_split"] = sum(len(v) > 1 for v in pieces_of.values())
     steps.update()
 
@@ -121,12 +133,9 @@ def build(data_dir: Path) -> tuple[list[Passage], dict[tuple[str, str], list[Que
     articles: dict[str, set[str]] = defaultdict(set)
     for q in read_questions(data_dir / SOURCES["squad_questions"], format="squad_open"):
         (paragraph,) = q.gold_passage_ids
-        pieces = pieces_of[paragraph]
-        gold = [p.id for p in pieces if any(a in p.text for a in q.answers)]
-        if not gold:  # every answer straddles a piece boundary: the whole paragraph is gold
-            gold = [p.id for p in pieces]
-            n_straddle += 1
-        split = squad_split(article_of[paragraph])
+        gold, straddles = gold_pieces(pieces_of[paragraph], q.answers)
+        n_straddle += straddles
+        split = squad_split(article_of[paragraph], dev_articles, test_articles)
         articles[split].add(article_of[paragraph])
         questions["squad_open", split].append(replace(q, gold_passage_ids=tuple(gold)))
     stats["squad_answer_straddles"] = n_straddle
@@ -244,7 +253,7 @@ Source checksums (SHA-256, as in the shared folder's `SHA256SUMS`):
 - `<dataset>.<split>.jsonl.gz`: `{{"id", "question", "answers", "gold_passage_ids", "answers_are_regex"}}` per line
   (`rag.data.miniwiki.load_questions(dataset, split)`). Gold ids name passages of this corpus.
   - `squad_open`: split by article ({stats["articles"]["train"]}/{stats["articles"]["dev"]}/{stats["articles"]["test"]} articles, lists fixed in the build script; no article in two splits);
-    dev: {", ".join(SQUAD_DEV_ARTICLES)}; test: {", ".join(SQUAD_TEST_ARTICLES)}. Gold passages are the
+    dev: {", ".join(stats["dev_articles"])}; test: {", ".join(stats["test_articles"])}. Gold passages are the
     pieces of the question's paragraph that contain an answer string; when the answer straddles a piece
     boundary (no answer string lies within one piece: {stats["squad_answer_straddles"]} questions) all pieces of the paragraph are gold. SQuAD v1.1 has no unanswerable
     questions; any marked `is_impossible` would be left out. Duplicate answer strings are merged.

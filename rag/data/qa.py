@@ -244,20 +244,14 @@ def _raw_questions(
                 )
             return
         if format == "webquestions_json":
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(path, e.lineno, f"invalid JSON ({e.msg})", "") from None
-            if not isinstance(records, list):
-                raise DataFormatError(path, None, "expected a JSON list of questions", "")
-            for index, row in enumerate(records):
+            for index, (lineno, row) in enumerate(_json_list_records(path, f.read())):
                 if not isinstance(row, dict):
-                    skipper.bad(None, f"record {index} is not a JSON object")
+                    skipper.bad(lineno, f"record {index} is not a JSON object")
                     continue
                 try:
-                    yield None, _question_from_json(row, format, index)
+                    yield lineno, _question_from_json(row, format, index)
                 except ValueError as e:
-                    skipper.bad(None, f"record {index}: {e}")
+                    skipper.bad(lineno, f"record {index}: {e}")
             return
         index = 0
         for lineno, row, error in progress_bar(iter_jsonl_rows(f), path, "reading"):
@@ -269,6 +263,33 @@ def _raw_questions(
                 yield lineno, _question_from_json(row, format, index - 1)
             except ValueError as e:
                 skipper.bad(lineno, str(e))
+
+
+def _json_list_records(path: Path, text: str) -> Iterator[tuple[int, object]]:
+    """(line number, element) for each element of a JSON list, so that errors can name the line."""
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"\s*")
+    pos = ws.match(text, 0).end()
+    if not text.startswith("[", pos):
+        raise DataFormatError(path, None, "expected a JSON list of questions", "")
+    pos = ws.match(text, pos + 1).end()
+    if text.startswith("]", pos):
+        return
+    while True:
+        lineno = text.count("\n", 0, pos) + 1
+        try:
+            element, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(path, e.lineno, f"invalid JSON ({e.msg})", "") from None
+        yield lineno, element
+        pos = ws.match(text, pos).end()
+        if text.startswith("]", pos):
+            return
+        if not text.startswith(",", pos):
+            raise DataFormatError(
+                path, text.count("\n", 0, pos) + 1, "invalid JSON (expected ',' or ']')", ""
+            )
+        pos = ws.match(text, pos + 1).end()
 
 
 def iter_questions(path: str | os.PathLike, format: str = "auto", strict: bool = True) -> Iterator[Question]:
