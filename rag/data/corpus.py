@@ -138,9 +138,9 @@ class RowSkipper:
     def report(self) -> None:
         if self.count:
             line, reason = self.first
-            where = "record" if line is None else f"line {line}"
+            where = "" if line is None else f" at line {line}"
             warnings.warn(
-                f"skipped {self.count} malformed {self.what} in {self.path} (first at {where}: {reason})",
+                f"skipped {self.count} malformed {self.what} in {self.path} (first{where}: {reason})",
                 SkippedRowsWarning,
                 stacklevel=3,
             )

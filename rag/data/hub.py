@@ -132,7 +132,7 @@ def questions_from_dataset(
                 )
             )
         except ValueError as e:
-            skipper.bad(index + 1, f"row {index}: {e}")
+            skipper.bad(None, f"row {index}: {e}")
     skipper.report()
     if not questions:
         raise DataFormatError(where, None, "no questions in the dataset", "check the name and split")
