@@ -253,7 +253,7 @@ def _passage_from_json(row: dict, format: str) -> Passage:
 def _raw_passages(path: Path, format: str, skipper: RowSkipper) -> Iterator[tuple[int | None, Passage]]:
     with open_text(path, "passage file") as f:
         if format == "dpr_tsv":
-            csv.field_size_limit(sys.maxsize)
+            csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long passages; C long on Windows
             reader = csv.reader(f, delimiter="\t", quotechar='"')
             try:
                 header = next(reader)
@@ -261,7 +261,10 @@ def _raw_passages(path: Path, format: str, skipper: RowSkipper) -> Iterator[tupl
                 header = []
             if header[:3] != ["id", "text", "title"]:
                 raise DataFormatError(
-                    path, 1, f"expected the header 'id<TAB>text<TAB>title', got {header[:3]}", ""
+                    path,
+                    1,
+                    f"expected the header 'id<TAB>text<TAB>title', got {header[:3]}",
+                    "DPR's psgs_w100.tsv starts with that line: add it, or pass the file's format=",
                 )
             lineno = reader.line_num
             try:
