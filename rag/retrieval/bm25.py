@@ -13,6 +13,7 @@ Text is lowercased and split into word tokens of two or more characters; English
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -78,6 +79,7 @@ class BM25Index:
 
         if len(passages) == 0:
             raise RetrievalInputError("the corpus has no passages: nothing to index")
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # its debug lines would flood a CLI's log
         bm25 = bm25s.BM25(k1=self.k1, b=self.b, method=self.method)
         bm25.index([self.tokenize(f"{p.title} {p.text}") for p in passages], show_progress=False)
         self._bm25 = bm25
