@@ -144,10 +144,12 @@ def test_question_reaches_the_generator_as_written(bpe, wordpiece):
 def test_question_records_and_n_docs_subset(bpe):
     questions, passages = short_batch()
     records = [Question(id=str(i), question=q, answers=("x",)) for i, q in enumerate(questions)]
-    scores = torch.randn(len(questions), 3)
+    scores = torch.randn(len(questions), 3, requires_grad=True)
     ci = build_context_inputs(records, passages, bpe, n_docs=2, doc_scores=scores, return_strings=True)
     full = build_context_inputs(questions, passages, bpe, return_strings=True)
     assert ci.n_docs == 2 and torch.equal(ci.doc_scores, scores[:, :2])
+    ci.doc_scores.sum().backward()  # the retriever's scores keep their gradient
+    assert torch.equal(scores.grad, torch.tensor([[1.0, 1.0, 0.0]]).expand_as(scores))
     assert [row[:2] for row in full.strings] == ci.strings  # the first K in rank order
     Lc = ci.context_input_ids.shape[-1]
     assert torch.equal(ci.context_input_ids, full.context_input_ids[:, :2, :Lc])

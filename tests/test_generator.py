@@ -184,6 +184,9 @@ def test_forward_matches_one_model_call_per_document(bpe_bart):
         torch.testing.assert_close(got, ref3, rtol=1e-5, atol=1e-5)
     with pytest.raises(GeneratorConfigError, match="exactly one"):
         bpe_bart(ci.context_input_ids, ci.context_attention_mask)
+    too_long = torch.ones(1, 1, bpe_bart.config.max_position_embeddings + 1, dtype=torch.long)
+    with pytest.raises(GeneratorConfigError, match="lower max_context_length"):
+        bpe_bart(too_long, too_long.bool(), labels=labels[:1])
     with pytest.raises(GeneratorConfigError, match=r"\(B, K, Lc\)"):
         bpe_bart(ci.context_input_ids[0], ci.context_attention_mask[0], labels=labels)
 
@@ -255,6 +258,8 @@ def test_uncached_hub_name_offline_fails_at_once(monkeypatch):
     assert "bart_from_bert" in str(err.value) and "local folder" in str(err.value)
     with pytest.raises(GeneratorNotFoundError, match="does not exist"):
         load_generator("./no/such/folder")
+    with pytest.raises(GeneratorNotFoundError, match="offline"):
+        load_generator("not a repo id")
 
 
 def test_encoder_only_checkpoint_is_rejected(tiny_bert_dir):

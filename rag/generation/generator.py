@@ -178,6 +178,12 @@ class Generator(nn.Module):
                 f"(B, K) = {(B, K)}; pass (B, T) or (B, K, T)"
             )
         T = decoder_input_ids.shape[-1]
+        max_positions = getattr(self.config, "max_position_embeddings", None)  # None: T5's relative positions
+        if max_positions is not None and max(Lc, T) > max_positions:
+            raise GeneratorConfigError(
+                f"inputs of {Lc} context / {T} target tokens exceed the model's {max_positions} positions; "
+                f"lower max_context_length / max_target_length to at most {max_positions}"
+            )
         out = self.model(
             input_ids=context_input_ids.reshape(B * K, Lc),
             attention_mask=context_attention_mask.reshape(B * K, Lc),
@@ -657,9 +663,14 @@ def _resolve(name_or_path: str | os.PathLike, *, what: str) -> str:
     if _hub_offline():
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(name, "config.json")
-        if not isinstance(cached, str):
-            cached = try_to_load_from_cache(name, "tokenizer_config.json")
+        cached = None
+        for filename in ("config.json", "tokenizer_config.json"):
+            try:
+                cached = try_to_load_from_cache(name, filename)
+            except ValueError:  # not even a valid repo id
+                cached = None
+            if isinstance(cached, str):
+                break
         if not isinstance(cached, str):
             raise GeneratorNotFoundError(
                 f"{what} {name!r} is not a local folder and not in the model-hub cache, and the hub is offline "
