@@ -4,7 +4,7 @@ Three ways to get a :class:`Generator`, all returning a plain transformers seq2s
 
 - :func:`load_generator` -- any BART (``facebook/bart-large`` for paper runs) or T5 checkpoint, by hub name
   or local folder. Offline and not cached: fails at once and says what to do instead.
-- :func:`build_tiny_bart` -- a randomly initialised BART of a few thousand parameters (tests, smoke runs).
+- :func:`build_tiny_bart` -- a small randomly initialised BART (d_model 16, 2 layers) for tests and smoke runs.
 - :func:`bart_from_bert` -- a BART whose encoder and decoder layers start from a BERT checkpoint, by default
   the shipped all-MiniLM-L6-v2, so that the embedded default starts from pretrained weights on a machine
   that reaches no model hub. BART's and BERT's layers are the same post-LayerNorm block (self-attention,
