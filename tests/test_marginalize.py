@@ -40,6 +40,16 @@ def scored(target, t, b):
     return int(target[b, t]) >= 0 and int(target[b, t]) != PAD
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models gain nothing from intra-op threads, and on a shared CPU idle OpenMP threads spin-wait:
+    # one thread runs these tests tens of times faster than two
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------- brute force with explicit loops over products
 
 
