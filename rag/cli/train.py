@@ -1,0 +1,351 @@
+"""``rag-train``: fine-tune a RAG model with PyTorch Lightning, configured by Hydra (``conf/train.yaml``).
+
+    rag-train experiment=miniwiki_rag_token
+    rag-train experiment=miniwiki_rag_token model.head=sequence n_docs=10
+    rag-train experiment=miniwiki_rag_token model.retriever_mode=bm25
+    rag-train experiment=smoke
+    rag-train experiment=miniwiki_rag_token resume=true
+
+Builds the pieces from their config groups (``build_model``): the generator, the query encoder (learned /
+frozen retrievers), the retriever -- the dense index is loaded, or embedded and built first when missing or
+stale, through the same code as ``rag-index`` -- and the :class:`~rag.model.RagModel`; then the data module,
+the :class:`~rag.lit_module.RagLitModule`, loggers, callbacks and the Trainer. After training it evaluates
+the best checkpoint on the test split and writes ``metrics.json`` to the run folder.
+
+``load_checkpoint`` rebuilds a trained model from a checkpoint alone: the run's config is stored in it, the
+index and the corpus are re-attached from that config, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rag.cli import CONF_DIR
+from rag.cli.index import (
+    ConfigError,
+    cache_dir,
+    check_required,
+    default_embeddings_dir,
+    default_index_dir,
+    ensure_index,
+    fail,
+    instantiate,
+    set_threads,
+)
+from rag.cli.index import known_errors as _index_errors
+from rag.retrieval.embed import open_embeddings
+from rag.retrieval.retriever import BM25Retriever, DenseRetriever, Retriever
+
+CONFIG_NAME = "train"
+CHECKPOINT_NAMES = ("last.ckpt", "interrupted.ckpt")
+
+
+def _log(message: str) -> None:
+    print(f"[rag-train] {message}", file=sys.stderr, flush=True)
+
+
+def known_errors() -> tuple[type[Exception], ...]:
+    from rag.data.datamodule import DataModuleError
+    from rag.generation.context import ContextError
+    from rag.generation.decoding import DecodingError
+    from rag.generation.generator import GeneratorError
+    from rag.lit_module import LitModuleError
+    from rag.model import RagModelError
+
+    return (
+        *_index_errors(),
+        RagModelError,
+        LitModuleError,
+        DataModuleError,
+        GeneratorError,
+        ContextError,
+        DecodingError,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def build_retriever(cfg: DictConfig) -> Retriever | None:
+    """The retriever the model's ``retriever_mode`` needs: dense (learned / frozen), BM25, or None."""
+    mode = cfg.model.retriever_mode
+    if mode == "none":
+        return None
+    passages = instantiate(cfg.corpus.passages)
+    _log(f"corpus {cfg.corpus.name}: {len(passages):,} passages")
+    if mode == "bm25":
+        return BM25Retriever.from_passages(
+            passages,
+            k1=cfg.bm25.k1,
+            b=cfg.bm25.b,
+            stopwords=cfg.bm25.stopwords,
+            index_dir=cache_dir(cfg.cache_dir) / "indexes" / f"{cfg.corpus.name}-bm25",
+        )
+    if cfg.index_dir is not None and not cfg.rebuild_index:
+        # an index named explicitly is loaded as it is (it must fit the corpus), never rebuilt here
+        return DenseRetriever.from_directory(cfg.index_dir, passages, embeddings_dir=cfg.embeddings_dir)
+    doc_encoder = instantiate(cfg.doc_encoder)
+    embed = OmegaConf.to_container(cfg.embed, resolve=True)
+    index = instantiate(cfg.index)
+    result = ensure_index(
+        passages,
+        doc_encoder,
+        index,
+        cfg.index_dir or default_index_dir(cfg.cache_dir, cfg.corpus.name, doc_encoder, index.kind),
+        cfg.embeddings_dir
+        or default_embeddings_dir(cfg.cache_dir, cfg.corpus.name, doc_encoder, embed["dtype"]),
+        embed=embed,
+        rebuild=cfg.rebuild_index,
+        rebuild_command="rag-train ... rebuild_index=true (or rag-index ... rebuild=true)",
+        corpus_name=cfg.corpus.name,
+    )
+    del doc_encoder  # the index holds d(z) for every passage; the encoder itself is not needed any more
+    if result.index is None:
+        raise ConfigError(
+            "the document embeddings are incomplete (embed.num_shards > 1): embed every shard with rag-index "
+            "first, then train"
+        )
+    doc_embeds = open_embeddings(result.embeddings_dir, expected_rows=len(passages))
+    return DenseRetriever(result.index, passages, None, doc_embeds=doc_embeds)
+
+
+def build_model(cfg: DictConfig):
+    """The :class:`~rag.model.RagModel` of a run config: generator, query encoder, retriever, head."""
+    mode = cfg.model.retriever_mode
+    generator = instantiate(cfg.generator)
+    query_encoder = instantiate(cfg.query_encoder) if mode in ("learned", "frozen") else None
+    retriever = build_retriever(cfg)
+    return instantiate(cfg.model, generator=generator, query_encoder=query_encoder, retriever=retriever)
+
+
+def _logged_in_to_wandb() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_offline(offline: bool | None) -> bool:
+    """``logger.wandb.offline``: as set, or (null) offline unless logged in or WANDB_MODE=online."""
+    if offline is not None:
+        return bool(offline)
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "dryrun", "disabled"):
+        return True
+    if mode == "online":
+        return False
+    return not _logged_in_to_wandb()
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for name, node in (cfg.logger or {}).items():
+        if node is None:
+            continue
+        if name == "wandb":
+            offline = wandb_offline(node.offline)
+            if offline:
+                os.environ.setdefault("WANDB_MODE", "offline")
+            Path(node.save_dir).mkdir(parents=True, exist_ok=True)
+            loggers.append(instantiate(node, offline=offline))
+        else:
+            loggers.append(instantiate(node))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    return [instantiate(node) for node in (cfg.callbacks or {}).values() if node is not None]
+
+
+def find_resume_checkpoint(runs_dir: str | os.PathLike) -> Path | None:
+    """The newest ``last.ckpt`` / ``interrupted.ckpt`` under ``runs_dir/*/checkpoints`` (None if there is none)."""
+    root = Path(runs_dir).expanduser()
+    found = [p for name in CHECKPOINT_NAMES for p in root.glob(f"*/checkpoints/{name}") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    if cfg.ckpt_path:
+        path = Path(cfg.ckpt_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a file: give the path of a .ckpt file")
+        return str(path)
+    if cfg.resume:
+        found = find_resume_checkpoint(cfg.runs_dir)
+        if found is None:
+            raise ConfigError(
+                f"resume=true but there is no last.ckpt or interrupted.ckpt under {cfg.runs_dir}/*/checkpoints: "
+                "give ckpt_path=..., or start a new run without resume"
+            )
+        return str(found)
+    return None
+
+
+def _metrics_dict(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in sorted(metrics.items()) if isinstance(v, (int, float, torch.Tensor))}
+
+
+def write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train (and test) as configured; returns the final validation and test metrics."""
+    import pytorch_lightning as pl
+
+    check_required(cfg)
+    set_threads(cfg.threads)
+    started = time.perf_counter()
+    ckpt_path = _resolve_ckpt_path(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    datamodule = instantiate(cfg.data)
+    model = build_model(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    # the run config goes in after Hydra is done: instantiated through Hydra its _target_ nodes would be built
+    module = instantiate(cfg.module, _partial_=True)(model=model, run_config=config)
+    callbacks = build_callbacks(cfg)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)
+    if ckpt_path:
+        _log(f"resuming from {ckpt_path}")
+    _log(f"{model.extra_repr()}; output in {output_dir}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    val = {k: v for k, v in _metrics_dict(trainer.callback_metrics).items() if k.startswith("val/")}
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if c.best_model_path), None)
+    summary = {
+        "name": cfg.name,
+        "global_step": trainer.global_step,
+        "val": val,
+        "best_checkpoint": checkpoint.best_model_path if checkpoint else None,
+        "last_checkpoint": (checkpoint.last_model_path or None) if checkpoint else None,
+        "resumed_from": ckpt_path,
+    }
+    if cfg.test and len(datamodule.sets["test"]):
+        results = trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint else None)
+        summary["test"] = _metrics_dict(results[0]) if results else {}
+    summary["wall_seconds"] = time.perf_counter() - started
+    summary["peak_rss_mb"] = _peak_rss_mb()
+    if trainer.is_global_zero:
+        write_json_atomic(output_dir / "metrics.json", summary)
+        _log(f"done in {summary['wall_seconds']:.0f} s; metrics in {output_dir / 'metrics.json'}")
+    return summary
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    # ru_maxrss is in kilobytes on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_config(path: str | os.PathLike) -> DictConfig:
+    """The run config stored in a checkpoint written by rag-train."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist: give the path of a .ckpt written by rag-train")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    config = (checkpoint.get("hyper_parameters") or {}).get("run_config")
+    if not config:
+        raise ConfigError(
+            f"{path} holds no run config (hyper_parameters.run_config): it was not written by rag-train; load it "
+            "with RagLitModule.load_from_checkpoint(path, model=...) and build the model yourself"
+        )
+    return OmegaConf.create(config)
+
+
+def load_checkpoint(path: str | os.PathLike, overrides: dict | DictConfig | None = None):
+    """Rebuild a trained :class:`~rag.lit_module.RagLitModule` from a rag-train checkpoint.
+
+    The model is built from the config stored in the checkpoint (merged with ``overrides``, e.g.
+    ``{"model": {"eval_n_docs": 15}}``) and the trained weights are loaded into it; the retriever is
+    re-attached from that config (the index loaded from the cache, or rebuilt when missing). Returns the
+    module (in eval mode) and the config used.
+    """
+    from rag.lit_module import RagLitModule
+
+    cfg = checkpoint_config(path)
+    stored_cache = Path(str(cfg.get("cache_dir", ""))).expanduser()
+    if not stored_cache.is_dir():
+        # the run was trained where another cache folder existed: use this machine's
+        cfg.cache_dir = os.environ.get("RAG_HOME", "~/.cache/rag")
+    if overrides:
+        cfg = OmegaConf.merge(cfg, overrides)
+    model = build_model(cfg)
+    module = RagLitModule.load_from_checkpoint(str(path), model=model, map_location="cpu", weights_only=False)
+    module.eval()
+    return module, cfg
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+CONFIG_HINT = (
+    "hint: keys are listed by `{prog} --cfg job`, a group's options are the files in {conf}/<group>/; "
+    "a key the config does not have is added with a leading + (`+key=value`) only on purpose"
+)
+
+
+def check_overrides(config_name: str, overrides: Sequence[str], prog: str) -> None:
+    """Compose the config once before Hydra runs, so that a typo (unknown key or group option) fails at once
+    with Hydra's message and a short hint, before anything is loaded."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    plain = [o for o in overrides if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))]
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose(config_name=config_name, overrides=plain)
+    except (HydraException, OmegaConfBaseException) as err:
+        message = str(err).strip()
+        print(
+            f"error: {message}\n{CONFIG_HINT.format(prog=prog, conf=CONF_DIR)}", file=sys.stderr, flush=True
+        )
+        sys.exit(2)
+
+
+def hydra_entry(task, config_name: str, prog: str) -> None:
+    """Run ``task(cfg)`` under ``@hydra.main`` after checking the overrides (unless Hydra flags are given)."""
+    args = sys.argv[1:]
+    if not any(a.startswith("-") for a in args):
+        check_overrides(config_name, args, prog)
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
+    def _main(cfg: DictConfig) -> None:
+        try:
+            task(cfg)
+        except known_errors() as err:
+            fail(err)
+
+    _main()
+
+
+def main() -> None:
+    hydra_entry(run, CONFIG_NAME, "rag-train")
+
+
+if __name__ == "__main__":
+    main()

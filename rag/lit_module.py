@@ -1,0 +1,348 @@
+"""RagLitModule: the training, validation and test steps of a :class:`~rag.model.RagModel`, its logging and
+its optimiser. No maths here: the loss comes from the model, the metrics from :mod:`rag.metrics`.
+
+Logged keys: ``train/loss``; ``val/loss`` (teacher-forced, at the training ``n_docs``); ``{split}/em``,
+``{split}/f1``, ``{split}/answer_recall@k`` (a gold answer string in the top-k passages the generator read,
+DPR's criterion), ``{split}/gold_recall@k`` (the question's gold passage among them), for ``split`` in
+val / test, over all sets of the split and, when a split mixes several, per set (``val/nq_gold/em``).
+
+Checkpoints hold the trainable weights (query encoder in learned mode, generator), the optimiser state and
+the run's config (``hparams.run_config``), never the index, the passages or a frozen query encoder: loading
+rebuilds the model from that config and re-attaches the retriever (``rag.cli.train.load_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+
+from rag.data.datamodule import QABatch
+from rag.metrics import exact_match, f1_score, has_answer, regex_match
+from rag.model import RagAnswer, RagModel
+
+__all__ = ["OptimConfig", "RagLitModule", "prediction_record", "score_records"]
+
+SCHEDULERS = ("constant", "linear", "polynomial")
+
+
+class LitModuleError(ValueError):
+    """Optimiser or evaluation settings the module cannot use."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warm-up then constant, linear or polynomial decay (transformers' schedules).
+
+    ``query_encoder_lr`` sets a separate learning rate for q(x) (None: ``lr``). Weight decay skips biases
+    and LayerNorm weights, as transformers' fine-tuning scripts do. ``warmup_steps`` and the decay count
+    optimiser steps; the decay ends at ``lr_end`` (polynomial) or 0 (linear) after the run's last step.
+    """
+
+    lr: float = 3e-5
+    query_encoder_lr: float | None = None
+    weight_decay: float = 0.001
+    adam_epsilon: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: str = "polynomial"
+    warmup_steps: int = 500
+    lr_end: float = 1e-7
+    power: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.scheduler not in SCHEDULERS:
+            raise LitModuleError(f"optim.scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if self.lr <= 0 or (self.query_encoder_lr is not None and self.query_encoder_lr <= 0):
+            raise LitModuleError(
+                f"learning rates must be positive, got lr={self.lr}, query_encoder_lr={self.query_encoder_lr}"
+            )
+        if self.warmup_steps < 0:
+            raise LitModuleError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+def prediction_record(question, answer: RagAnswer, dataset: str = "", index: int = -1) -> dict:
+    """One JSON-ready record: the question, gold answers, the prediction, and every passage the generator
+    read with its retrieval score, prior p(z|x) and posterior p(z|x,y)."""
+    return {
+        "id": question.id,
+        "dataset": dataset,
+        "index": index,
+        "question": question.question,
+        "answers": list(question.answers),
+        "answers_are_regex": question.answers_are_regex,
+        "gold_passage_ids": list(question.gold_passage_ids),
+        "prediction": answer.answer,
+        "score": answer.score,
+        "passages": [
+            {
+                "id": p.id,
+                "title": p.title,
+                "text": p.text,
+                "doc_score": s,
+                "prior": prior,
+                "posterior": post,
+            }
+            for p, s, prior, post in zip(
+                answer.passages, answer.doc_scores, answer.doc_priors, answer.doc_posteriors
+            )
+        ],
+    }
+
+
+def _example_scores(record: dict, ks: Sequence[int]) -> dict[str, float]:
+    """EM, F1 (max over gold answers), answer recall@k and gold-passage recall@k of one record."""
+    answers, regex = record["answers"], record["answers_are_regex"]
+    out = {
+        "em": regex_match(record["prediction"], answers)
+        if regex
+        else exact_match(record["prediction"], answers)
+    }
+    if not regex:
+        out["f1"] = f1_score(record["prediction"], answers)
+    passages = record["passages"]
+    if passages:
+        first_hit = next(
+            (i for i, p in enumerate(passages) if has_answer(p["text"], answers, regex=regex)), None
+        )
+        gold = set(record["gold_passage_ids"])
+        first_gold = next((i for i, p in enumerate(passages) if p["id"] in gold), None) if gold else None
+        for k in ks:
+            out[f"answer_recall@{k}"] = float(first_hit is not None and first_hit < k)
+            if gold:
+                out[f"gold_recall@{k}"] = float(first_gold is not None and first_gold < k)
+    return out
+
+
+def score_records(records: Iterable[dict], ks: Sequence[int]) -> dict[str, float]:
+    """Mean of every per-question score over ``records``, per set and overall.
+
+    Keys: ``em``, ``f1``, ``answer_recall@k``, ``gold_recall@k`` (each averaged over the questions that
+    have it: f1 skips regex answers, gold recall questions without gold passages), ``n``; and when the
+    records come from several sets, the same keys prefixed ``<set>/``. Recall is given for the ks up to
+    the number of passages read.
+    """
+    records = list(records)
+    if not records:
+        return {}
+    n_read = min((len(r["passages"]) for r in records), default=0)
+    ks = [k for k in sorted(set(ks)) if k <= n_read] if n_read else []
+    if n_read and n_read not in ks:
+        ks.append(n_read)
+    groups: dict[str, list[dict]] = {"": records}
+    sets = list(dict.fromkeys(r["dataset"] for r in records))
+    if len(sets) > 1:
+        for name in sets:
+            groups[f"{name}/"] = [r for r in records if r["dataset"] == name]
+    out: dict[str, float] = {}
+    for prefix, rows in groups.items():
+        sums: dict[str, list[float]] = {}
+        for r in rows:
+            for key, value in _example_scores(r, ks).items():
+                sums.setdefault(key, []).append(value)
+        order = ["em", "f1", *(f"answer_recall@{k}" for k in ks), *(f"gold_recall@{k}" for k in ks)]
+        for key in order:
+            if key in sums:
+                out[f"{prefix}{key}"] = sum(sums[key]) / len(sums[key])
+        out[f"{prefix}n"] = float(len(rows))
+    return out
+
+
+class RagLitModule(pl.LightningModule):
+    """Training / validation / test steps, logging and optimiser of a :class:`RagModel`.
+
+    Args:
+        model: the RagModel (built by the caller, e.g. ``rag.cli.train.build_model``).
+        optim: :class:`OptimConfig` (or the dict of its fields, as a checkpoint stores it).
+        recall_ks: the k of answer / gold-passage recall@k at validation and test (k above the number of
+            passages read is dropped; that number itself is always reported).
+        val_loss: also log the teacher-forced ``val/loss`` (one more forward pass per validation batch).
+        run_config: the run's full config as plain containers, saved in checkpoints so that they reload.
+    """
+
+    def __init__(
+        self,
+        model: RagModel,
+        optim: OptimConfig | dict | None = None,
+        recall_ks: Sequence[int] = (1, 5, 10),
+        val_loss: bool = True,
+        run_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, RagModel):
+            raise LitModuleError(f"model must be a rag.model.RagModel, got {type(model).__name__}")
+        if optim is None:
+            optim = OptimConfig()
+        elif isinstance(optim, dict):
+            optim = OptimConfig(**optim)
+        if not recall_ks or any(int(k) < 1 for k in recall_ks):
+            raise LitModuleError(f"recall_ks must be positive integers, got {list(recall_ks)}")
+        self.model = model
+        self.optim = optim
+        self.recall_ks = sorted({int(k) for k in recall_ks})
+        self.val_loss = bool(val_loss)
+        self.save_hyperparameters(
+            {
+                "optim": dataclasses.asdict(optim),
+                "recall_ks": self.recall_ks,
+                "val_loss": self.val_loss,
+                "run_config": run_config or {},
+            }
+        )
+        self._records: dict[str, list[dict]] = {"val": [], "test": []}
+
+    # ------------------------------------------------------------------------------------ steps
+
+    def forward(self, questions, targets):
+        return self.model(questions, targets)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        if isinstance(batch, QABatch):
+            # text only: the model tokenises and puts its tensors on its own device
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def training_step(self, batch: QABatch, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch.questions, batch.targets)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch))
+        if out.n_truncated:
+            self.log("train/truncated_contexts", float(out.n_truncated), batch_size=len(batch))
+        return out.loss
+
+    def _eval_step(self, batch: QABatch, split: str) -> list[dict]:
+        if split == "val" and self.val_loss and all(t is not None for t in batch.targets):
+            out = self.model(batch.questions, batch.targets)
+            self.log("val/loss", out.loss, batch_size=len(batch), sync_dist=True)
+        answers = self.model.generate(batch.questions)
+        records = [
+            prediction_record(q, a, name, i)
+            for q, a, name, i in zip(batch.questions, answers, batch.datasets, batch.indices)
+        ]
+        self._records[split].extend(records)
+        return records
+
+    def validation_step(self, batch: QABatch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: QABatch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: QABatch, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        answers = self.model.generate(batch.questions)
+        return [
+            prediction_record(q, a, name, i)
+            for q, a, name, i in zip(batch.questions, answers, batch.datasets, batch.indices)
+        ]
+
+    def on_validation_epoch_start(self) -> None:
+        self._records["val"] = []
+
+    def on_test_epoch_start(self) -> None:
+        self._records["test"] = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_scores("test")
+
+    def gathered_records(self, split: str) -> list[dict]:
+        """The split's prediction records of every rank, each question once (the distributed sampler pads
+        shards with repeats)."""
+        records = self._records[split]
+        if self.trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            parts: list[list[dict] | None] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, records)
+            records = [r for part in parts for r in part]
+        unique = {(r["dataset"], r["index"]): r for r in records}
+        return [unique[key] for key in sorted(unique)]
+
+    def _log_scores(self, split: str) -> None:
+        if self.trainer is not None and self.trainer.sanity_checking:
+            return
+        scores = score_records(self.gathered_records(split), self.recall_ks)
+        # every rank holds the same gathered figures, so no further reduction is needed
+        for key, value in scores.items():
+            if key.rsplit("/", 1)[-1] != "n":
+                self.log(f"{split}/{key}", value, prog_bar=key in ("em", "f1"), sync_dist=False)
+
+    # ------------------------------------------------------------------------------------ optimiser
+
+    def _param_groups(self) -> list[dict]:
+        opt = self.optim
+        groups = []
+        parts = [("generator", self.model.generator, opt.lr)]
+        if self.model.trains_query_encoder:
+            parts.append(("query_encoder", self.model.query_encoder, opt.query_encoder_lr or opt.lr))
+        for name, module, lr in parts:
+            decay, no_decay = [], []
+            for param_name, param in module.named_parameters():
+                if not param.requires_grad:
+                    continue
+                skip = param_name.endswith("bias") or "LayerNorm" in param_name or "layer_norm" in param_name
+                (no_decay if skip or param.ndim < 2 else decay).append(param)
+            if decay:
+                groups.append({"params": decay, "lr": lr, "weight_decay": opt.weight_decay, "name": name})
+            if no_decay:
+                groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{name}/no_decay"})
+        return groups
+
+    def configure_optimizers(self):
+        from transformers.optimization import (
+            get_constant_schedule_with_warmup,
+            get_linear_schedule_with_warmup,
+            get_polynomial_decay_schedule_with_warmup,
+        )
+
+        opt = self.optim
+        optimizer = torch.optim.AdamW(self._param_groups(), lr=opt.lr, eps=opt.adam_epsilon, betas=opt.betas)
+        total = self._total_steps()
+        warmup = min(opt.warmup_steps, max(total - 1, 0)) if total else opt.warmup_steps
+        if opt.scheduler == "constant":
+            scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+        elif opt.scheduler == "linear":
+            scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
+        else:
+            lr_end = min(opt.lr_end, min(g["lr"] for g in optimizer.param_groups))
+            scheduler = get_polynomial_decay_schedule_with_warmup(
+                optimizer, warmup, total, lr_end=lr_end, power=opt.power
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        steps = self.trainer.estimated_stepping_batches if self.trainer is not None else math.inf
+        if not math.isfinite(steps):
+            if self.optim.scheduler != "constant":
+                raise LitModuleError(
+                    f"optim.scheduler={self.optim.scheduler!r} decays over the run's steps, but the run has no end: "
+                    "set trainer.max_steps or trainer.max_epochs, or use optim.scheduler=constant"
+                )
+            return 0
+        return int(steps)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def _frozen_prefixes(self) -> tuple[str, ...]:
+        # weights the run never changes come back from the config on load: keep them out of checkpoints
+        if self.model.query_encoder is not None and not self.model.trains_query_encoder:
+            return ("model.query_encoder.",)
+        return ()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        prefixes = self._frozen_prefixes()
+        if prefixes:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(prefixes)]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        prefixes = self._frozen_prefixes()
+        if prefixes:
+            state = checkpoint["state_dict"]
+            for key, value in self.state_dict().items():
+                if key.startswith(prefixes) and key not in state:
+                    state[key] = value
