@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 from rag.retrieval.embed import (
     EmbeddingsError,
     ShardedEmbeddings,
+    consolidate_embeddings,
     corpus_checksum,
     embed_corpus,
     open_embeddings,
@@ -257,3 +258,41 @@ def test_killed_subprocess_resumes(tiny_dir, tmp_path):
         assert (out / name).stat().st_mtime_ns == stamps[name]
     assert not list(out.glob("*.tmp-*"))  # the killed run's half-written file was cleared away
     np.testing.assert_allclose(open_embeddings(out, 40, verify=True), reference(encoder, passages), atol=1e-5)
+
+
+def test_consolidation_merges_files_into_one_memmap(encoder, tmp_path, monkeypatch):
+    import rag.retrieval.embed as embed_module
+
+    embed_corpus(encoder, PASSAGES, tmp_path, batch_size=3, rows_per_file=4, show_progress=False)
+    before = np.asarray(open_embeddings(tmp_path))
+
+    def crash(directory, metas):
+        raise KeyboardInterrupt("interrupted before the parts were removed")
+
+    monkeypatch.setattr(embed_module, "_remove_records", crash)
+    with pytest.raises(KeyboardInterrupt):
+        consolidate_embeddings(tmp_path, PASSAGES, show_progress=False)
+    # merged file and parts side by side: the merged one wins, nothing overlaps
+    halfway = open_embeddings(tmp_path, expected_rows=10)
+    assert isinstance(halfway, np.memmap)
+    monkeypatch.undo()
+
+    merged = consolidate_embeddings(tmp_path, PASSAGES, show_progress=False)
+    assert isinstance(merged, np.memmap)
+    np.testing.assert_array_equal(merged, before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "embeds_0000000000_0000000010.json",
+        "embeds_0000000000_0000000010.npy",
+    ]
+    open_embeddings(tmp_path, verify=True)
+    # a rerun with the original file size finds every row done in the merged file
+    calls = counting(encoder)
+    report = embed_corpus(encoder, PASSAGES, tmp_path, batch_size=3, rows_per_file=4, show_progress=False)
+    assert calls == [] and report.skipped == [(0, 4), (4, 8), (8, 10)]
+    changed = [*PASSAGES[:-1], Passage(id="p9", title="t", text="another text")]
+    with pytest.raises(EmbeddingsError, match="passages of these rows differ"):
+        embed_corpus(encoder, changed, tmp_path, rows_per_file=4, show_progress=False)
+    # overwrite replaces the merged file by fresh parts
+    report = embed_corpus(encoder, PASSAGES, tmp_path, rows_per_file=4, overwrite=True, show_progress=False)
+    assert report.computed == [(0, 4), (4, 8), (8, 10)]
+    assert len(list(tmp_path.glob("*.json"))) == 3

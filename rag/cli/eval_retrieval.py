@@ -116,6 +116,11 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
 
     passages = instantiate(cfg.corpus.passages)
     question_sets = {name: instantiate(node) for name, node in cfg.corpus.question_sets.items()}
+    if not question_sets:
+        raise ConfigError(
+            f"corpus {cfg.corpus.name!r} has no question sets to evaluate: add one, e.g. "
+            "+corpus.question_sets.dev={_target_:rag.data.qa.read_questions,path:dev.jsonl}"
+        )
     for name, questions in question_sets.items():
         _log(f"questions {name}: {len(questions):,}")
     query_encoder = instantiate(cfg.query_encoder).to(cfg.device).eval()
@@ -125,6 +130,12 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
     dense_indexes = {}
     if cfg.indexes:
         doc_encoder = instantiate(cfg.doc_encoder).to(cfg.device)
+        if doc_encoder.dim != query_encoder.dim:
+            raise ConfigError(
+                f"the query encoder {query_encoder.name!r} makes {query_encoder.dim}-d vectors, the document "
+                f"encoder {doc_encoder.name!r} {doc_encoder.dim}-d ones: pick a matching pair "
+                "(query_encoder=X doc_encoder=X)"
+            )
         embeddings_dir = cfg.embeddings_dir or default_embeddings_dir(
             cfg.cache_dir, cfg.corpus.name, doc_encoder, embed["dtype"]
         )
@@ -157,11 +168,6 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
             index_dir=cache_dir(cfg.cache_dir) / "indexes" / f"{cfg.corpus.name}-bm25",
         )
         _log(f"BM25 index ready in {time.perf_counter() - start:.1f} s")
-    if not question_sets:
-        raise ConfigError(
-            f"corpus {cfg.corpus.name!r} has no question sets to evaluate: add one, e.g. "
-            "+corpus.question_sets.dev={_target_:rag.data.qa.read_questions,path:dev.jsonl}"
-        )
     if not retrievers:
         raise ConfigError(
             "nothing to evaluate: give at least one index in `indexes` or set bm25.enabled=true"

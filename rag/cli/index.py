@@ -26,7 +26,14 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from rag.cli import CONF_DIR
-from rag.retrieval.embed import EmbeddingsError, corpus_checksum, embed_corpus, open_embeddings
+from rag.retrieval.embed import (
+    EmbeddingsError,
+    ShardedEmbeddings,
+    consolidate_embeddings,
+    corpus_checksum,
+    embed_corpus,
+    open_embeddings,
+)
 from rag.retrieval.encoders import BertEncoder
 from rag.retrieval.errors import RetrievalError
 from rag.retrieval.index import MANIFEST_NAME, DenseIndex, IndexManifest, read_manifest
@@ -129,6 +136,10 @@ def ensure_index(
             )
             return IndexResult(None, index_dir, embeddings_dir, built=False)
         raise
+    if isinstance(embeds, ShardedEmbeddings):
+        embeds = consolidate_embeddings(
+            embeddings_dir, passages, show_progress=embed.get("show_progress", True)
+        )
     start = time.perf_counter()
     index.build(embeds)
     print(

@@ -145,18 +145,25 @@ def embed_corpus(
     ranges = [(s, min(s + rows_per_file, end)) for s in range(start, end, rows_per_file)]
 
     encoder_record = _encoder_record(encoder)
-    todo, skipped = [], []
+    if overwrite:
+        _remove_records(out, [m for m in read_embeddings_meta(out) if m["start"] < end and start < m["end"]])
+    records = read_embeddings_meta(out)
+    todo, skipped, cover_checksums = [], [], {}
     for lo, hi in ranges:
         expected = {
             "encoder": encoder_record,
             "dtype": dtype,
             "passages_sha256": corpus_checksum(passages[lo:hi]),
         }
-        meta_path = out / f"{_file_stem(lo, hi)}.json"
-        if meta_path.is_file() and not overwrite:
-            meta = json.loads(meta_path.read_text())
-            _check_finished(meta, meta_path, expected)
-            if (out / f"{_file_stem(lo, hi)}.npy").is_file():
+        # a finished file of exactly these rows, or a consolidated one holding them
+        cover = next((m for m in records if m["start"] <= lo and hi <= m["end"]), None)
+        if cover is not None:
+            span = (cover["start"], cover["end"])
+            if span not in cover_checksums:
+                cover_checksums[span] = corpus_checksum(passages[span[0] : span[1]])
+            expected_cover = {**expected, "passages_sha256": cover_checksums[span]}
+            _check_finished(cover, Path(cover["_path"]).with_suffix(".json"), expected_cover)
+            if Path(cover["_path"]).is_file():
                 skipped.append((lo, hi))
                 continue
         todo.append((lo, hi, expected))
@@ -287,8 +294,12 @@ class ShardedEmbeddings:
         return array if dtype is None else array.astype(dtype, copy=False)
 
 
-def read_embeddings_meta(directory: str | os.PathLike) -> list[dict]:
-    """The JSON records of the finished files of an embeddings directory, by start row."""
+def read_embeddings_meta(directory: str | os.PathLike, include_covered: bool = False) -> list[dict]:
+    """The JSON records of the finished files of an embeddings directory, by start row.
+
+    A file whose rows a larger finished file also holds (the parts of a consolidated file that an
+    interrupted :func:`consolidate_embeddings` left) is left out.
+    """
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise EmbeddingsError(f"no embeddings directory at {directory}: embed the corpus first (rag-index)")
@@ -298,7 +309,75 @@ def read_embeddings_meta(directory: str | os.PathLike) -> list[dict]:
             meta = json.loads(path.read_text())
             meta["_path"] = str(path.with_suffix(".npy"))
             metas.append(meta)
+    if include_covered:
+        return sorted(metas, key=lambda m: m["start"])
+    spans = [(m["start"], m["end"]) for m in metas]
+    metas = [
+        m
+        for m in metas
+        if not any(a <= m["start"] and m["end"] <= b and (a, b) != (m["start"], m["end"]) for a, b in spans)
+    ]
     return sorted(metas, key=lambda m: m["start"])
+
+
+def _remove_records(directory: Path, metas: list[dict]) -> None:
+    for meta in metas:  # the record first, so that a half-removed file never looks finished
+        Path(meta["_path"]).with_suffix(".json").unlink(missing_ok=True)
+        Path(meta["_path"]).unlink(missing_ok=True)
+
+
+def consolidate_embeddings(
+    directory: str | os.PathLike, passages: Sequence[Passage], show_progress: bool = True
+) -> np.ndarray:
+    """Merge the files of a finished embeddings directory into one file; return it as a (N, D) memmap.
+
+    Indexes read one (N, D) array a block at a time; a single memory-mapped file gives them that without
+    holding a copy in memory. The merged file is written beside the parts (temp file, rename, record) and
+    only then are the parts removed, so an interruption at any point leaves a loadable directory. Needs
+    the disk space of the embeddings once more while it runs.
+    """
+    directory = Path(directory).expanduser()
+    embeds = open_embeddings(directory, expected_rows=len(passages))
+    if not isinstance(embeds, ShardedEmbeddings):
+        # already one file; clear parts that an interrupted consolidation left beside it
+        n = len(passages)
+        _remove_records(
+            directory, [m for m in read_embeddings_meta(directory, True) if m["end"] - m["start"] < n]
+        )
+        return embeds
+    metas = read_embeddings_meta(directory)
+    for meta in metas:
+        if meta["passages_sha256"] != corpus_checksum(passages[meta["start"] : meta["end"]]):
+            raise EmbeddingsError(
+                f"{meta['_path']} was made from other passages than rows {meta['start']}..{meta['end'] - 1} of "
+                "this corpus: embed the corpus into a fresh directory"
+            )
+    n, dim = embeds.shape
+    stem = _file_stem(0, n)
+    tmp_path = directory / f"{stem}.npy.tmp-{os.getpid()}"
+    merged = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=embeds.dtype, shape=(n, dim))
+    try:
+        for part, start in tqdm(
+            list(zip(embeds.parts, embeds.starts.tolist())),
+            desc="consolidate embeddings",
+            disable=not show_progress,
+            leave=False,
+        ):
+            merged[start : start + len(part)] = part
+        merged.flush()
+        checksum = _array_checksum(np.asarray(merged))
+        del merged
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, directory / f"{stem}.npy")
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    record = {k: v for k, v in metas[0].items() if not k.startswith("_")}
+    record.update(start=0, end=n, count=n, sha256=checksum, passages_sha256=corpus_checksum(passages))
+    _atomic_write_text(directory / f"{stem}.json", json.dumps(record, indent=1, sort_keys=True))
+    _remove_records(directory, metas)
+    return open_embeddings(directory, expected_rows=n)
 
 
 def open_embeddings(
