@@ -63,10 +63,13 @@ def main() -> None:
     rows = np.linspace(0, len(corpus) - 1, num=min(args.passages, len(corpus))).astype(int)
     passages = [corpus[i] for i in rows]
     encoder = load_document_encoder()
-    lengths = [
-        len(ids)
-        for ids in encoder.tokenizer([p.title for p in passages], [p.text for p in passages])["input_ids"]
-    ]
+    tokens = encoder.tokenizer(
+        [p.title for p in passages],
+        [p.text for p in passages],
+        truncation="longest_first",
+        max_length=encoder.max_length,
+    )
+    lengths = [len(ids) for ids in tokens["input_ids"]]
     print(
         f"{len(passages)} mini-wiki passages, {encoder.name} (max_length {encoder.max_length}), batch "
         f"{args.batch_size}, {args.threads} threads; tokens per passage: mean {np.mean(lengths):.0f}, "

@@ -195,3 +195,24 @@ def test_bm25_retriever(tmp_path):
         retriever.retrieve([""], 1)
     with pytest.raises(RetrievalInputError, match="n_docs=0"):
         retriever.retrieve(["paris"], 0)
+
+
+@pytest.mark.gpu
+def test_embedding_and_retrieval_on_cuda(tiny_dir, built, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    doc_encoder = load_document_encoder(str(tiny_dir), pooling="mean").to("cuda")
+    embed_corpus(doc_encoder, PASSAGES, tmp_path / "cuda", show_progress=False)
+    np.testing.assert_allclose(open_embeddings(tmp_path / "cuda"), built["embeds"], atol=1e-4)
+
+    with torch.no_grad():
+        on_gpu = DenseRetriever.from_directory(
+            built["dir"], PASSAGES, query_encoder(tiny_dir).to("cuda").eval()
+        )
+        out = on_gpu.retrieve(QUESTIONS, n_docs=4)
+        ref = DenseRetriever.from_directory(built["dir"], PASSAGES, query_encoder(tiny_dir).eval()).retrieve(
+            QUESTIONS, 4
+        )
+    assert out.doc_scores.is_cuda and out.retrieved_doc_embeds.is_cuda and out.doc_ids.is_cuda
+    np.testing.assert_array_equal(out.doc_ids.cpu().numpy(), ref.doc_ids.numpy())
+    np.testing.assert_allclose(out.doc_scores.cpu().numpy(), ref.doc_scores.numpy(), atol=1e-4)
