@@ -124,9 +124,21 @@ class _Settings:
 def _resolve_settings(
     model, generation_config: GenerationConfig | None, overrides: dict, decoder: str
 ) -> _Settings:
+    if not getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "get_encoder"):
+        raise DecodingError(
+            f"{type(model).__name__} is not an encoder-decoder generator; RAG decoding needs a seq2seq model with a "
+            "language-model head such as BartForConditionalGeneration or T5ForConditionalGeneration"
+        )
     base = generation_config if generation_config is not None else getattr(model, "generation_config", None)
     config = copy.deepcopy(base) if base is not None else GenerationConfig()
-    unknown = config.update(**overrides)
+    overrides = dict(overrides)
+    # RAG-Sequence may return several answers from a greedy search per document, which a GenerationConfig
+    # refuses to validate, so this one setting is kept aside
+    num_return = overrides.pop("num_return_sequences", None)
+    try:
+        unknown = config.update(**overrides)
+    except ValueError as error:
+        raise DecodingError(f"invalid generation settings for {decoder}: {error}") from None
     if unknown:
         raise DecodingError(
             f"unknown generation setting(s) {sorted(unknown)} for {decoder}; use transformers.GenerationConfig names "
@@ -161,7 +173,7 @@ def _resolve_settings(
         )
     settings = _Settings(
         num_beams=int(get("num_beams")),
-        num_return_sequences=int(get("num_return_sequences")),
+        num_return_sequences=int(num_return if num_return is not None else get("num_return_sequences")),
         max_length=int(max_length),
         min_length=int(get("min_length")),
         length_penalty=float(get("length_penalty")),
@@ -236,11 +248,6 @@ def _select_docs(
 
 def _encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Generator encoder states for every (question, document) row: (N, Lc) -> (N, Lc, H)."""
-    if not getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "get_encoder"):
-        raise DecodingError(
-            f"{type(model).__name__} is not an encoder-decoder generator; RAG decoding needs a seq2seq model with a "
-            "language-model head such as BartForConditionalGeneration or T5ForConditionalGeneration"
-        )
     return model.get_encoder()(
         input_ids=input_ids, attention_mask=attention_mask, return_dict=True
     ).last_hidden_state
@@ -372,7 +379,8 @@ def _beam_search(
 
         # hypotheses that just finished join the pool if they beat its worst member
         just_finished = hits_stop & top_num_beam_mask[None, :]
-        normalised = topk_scores / ((cur_len + 1 - 1) ** lp)
+        # the length penalty counts generated tokens: the start token out, the new token in
+        normalised = topk_scores / (cur_len**lp)
         pool_closed = is_finished.all(dim=-1, keepdim=True) & (s.early_stopping is True)
         normalised = normalised + pool_closed.to(torch.float32) * _NEG
         normalised = normalised + (~can_improve).to(torch.float32) * _NEG
