@@ -254,7 +254,7 @@ class RagLitModule(pl.LightningModule):
         """The split's prediction records of every rank, each question once (the distributed sampler pads
         shards with repeats)."""
         records = self._records[split]
-        if self.trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+        if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
             parts: list[list[dict] | None] = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(parts, records)
             records = [r for part in parts for r in part]
@@ -262,7 +262,7 @@ class RagLitModule(pl.LightningModule):
         return [unique[key] for key in sorted(unique)]
 
     def _log_scores(self, split: str) -> None:
-        if self.trainer is not None and self.trainer.sanity_checking:
+        if self._trainer is not None and self.trainer.sanity_checking:
             return
         scores = score_records(self.gathered_records(split), self.recall_ks)
         # every rank holds the same gathered figures, so no further reduction is needed
@@ -314,7 +314,7 @@ class RagLitModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _total_steps(self) -> int:
-        steps = self.trainer.estimated_stepping_batches if self.trainer is not None else math.inf
+        steps = self._trainer.estimated_stepping_batches if self._trainer is not None else math.inf
         if not math.isfinite(steps):
             if self.optim.scheduler != "constant":
                 raise LitModuleError(
