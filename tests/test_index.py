@@ -272,11 +272,30 @@ def test_add_then_search_finds_the_new_vectors(data, name):
     assert before_ids.max() < 1500
 
 
+@pytest.mark.parametrize("name", ["flat", "hnsw"])
+def test_a_bad_row_leaves_no_partial_add_or_build(data, name):
+    x, q = data
+    index = fast_index(name).build(x[:1000])
+    before = index.search(q, 5)
+    bad = x[1000:].copy()
+    bad[700, 3] = np.inf  # in the second chunk of 512 rows
+    with pytest.raises(RetrievalInputError, match="row 700"):
+        index.add(bad)
+    assert index.ntotal == 1000
+    for a, b in zip(index.search(q, 5), before):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(RetrievalInputError, match="row 700"):
+        index.build(bad)
+    with pytest.raises(IndexStateError, match="empty"):
+        index.search(q, 5)
+
+
 def test_l2_trick_refuses_vectors_beyond_its_norm_bound(data):
     x, _ = data
     index = fast_index("hnsw_l2").build(x)
-    with pytest.raises(IndexStateError, match="max_norm"):
-        index.add(3 * x[:5])
+    with pytest.raises(IndexStateError, match="row 3 has squared norm"):
+        index.add(np.concatenate([x[:3], 3 * x[:5]]))
+    assert index.ntotal == N  # checked before anything went in
     roomy = HNSWIndex(mips="l2", max_norm=3.0, recall_probes=0, verbose=False).build(x)
     roomy.add(3 * x[:5])
     assert roomy.search(3 * x[:5], 1)[1][:, 0].tolist() == list(range(N, N + 5))

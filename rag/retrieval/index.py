@@ -429,11 +429,21 @@ class DenseIndex:
     def _reset(self, dim: int) -> None:
         raise NotImplementedError
 
+    def _clear(self) -> None:
+        """Drop everything the index holds."""
+        raise NotImplementedError
+
     def _prepare(self, embeds) -> None:
         """Everything a build needs before the vectors go in (training, norm bound)."""
 
     def _add_block(self, block: np.ndarray) -> None:
         raise NotImplementedError
+
+    def _check_new_rows(self, block: np.ndarray, first_row: int) -> None:
+        """Raise if rows that `add` was given cannot go into this index (beyond the finite check)."""
+
+    def _reserve(self, n_new: int) -> None:
+        """Make room for n_new more rows where the backend allows it, before they are added."""
 
     def _search(self, queries: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -473,11 +483,18 @@ class DenseIndex:
         n, dim = _check_matrix(embeds, "embeds")
         if n == 0:
             raise RetrievalInputError("embeds is empty: an index needs at least one passage")
-        self._reset(dim)
-        self._dim = dim
-        self._embed_dtype = _dtype_name(embeds)
-        self._prepare(embeds)
-        self._add_all(embeds, f"building {self.kind} index")
+        try:
+            self._reset(dim)
+            self._dim = dim
+            self._embed_dtype = _dtype_name(embeds)
+            self._prepare(embeds)
+            self._reserve(n)
+            self._add_all(embeds, f"building {self.kind} index")
+        except BaseException:
+            # A failed or interrupted build must not leave a partial index that searches.
+            self._dim = None
+            self._clear()
+            raise
         if not self.is_exact and (self.recall_probes > 0 or probe_queries_embeds is not None):
             self.report_recall(embeds, probe_queries_embeds)
         return self
@@ -490,6 +507,10 @@ class DenseIndex:
             return
         n, _ = _check_matrix(embeds, "embeds", self._dim)
         if n:
+            # Check every new row before the first goes in: a bad row halfway must not leave half an add.
+            for start, block in _iter_chunks(embeds, self.chunk_rows, "embeds"):
+                self._check_new_rows(block, start)
+            self._reserve(n)
             self._add_all(embeds, f"adding to {self.kind} index")
 
     def search(self, query_embeds, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -801,6 +822,9 @@ class FlatIndex(DenseIndex):
     def _reset(self, dim: int) -> None:
         self._blocks = []
 
+    def _clear(self) -> None:
+        self._blocks = []
+
     def _add_block(self, block: np.ndarray) -> None:
         rows = _as_tensor(block).to(self._device)
         # Top up the last block first so that every block but the last is full: reconstruct() finds a
@@ -919,6 +943,10 @@ class _FaissIndex(DenseIndex):
         self._index = self._new_faiss_index(dim + (1 if self.mips == "l2" else 0))
         self._phi = 0.0
 
+    def _clear(self) -> None:
+        self._index = None
+        self._phi = 0.0
+
     def _prepare(self, embeds) -> None:
         if self.mips == "l2":
             # DPR's reduction of MIPS to L2 search (Bachrach et al. 2014): x -> [x, sqrt(phi - |x|^2)],
@@ -933,21 +961,22 @@ class _FaissIndex(DenseIndex):
         if self._needs_training():
             sample = _training_sample(embeds, self._train_size(embeds.shape[0]))
             self._index.train(self._transform_rows(sample))
-        self._reserve(embeds.shape[0])
 
-    def _reserve(self, n: int) -> None:
-        """Pre-size the vector storage for n rows where faiss allows it."""
+    def _check_new_rows(self, block: np.ndarray, first_row: int) -> None:
+        if self.mips == "l2":
+            sq = np.einsum("ij,ij->i", block, block, dtype=np.float64)
+            over = np.flatnonzero(sq > self._phi * (1 + 1e-6))
+            if over.size:
+                raise IndexStateError(
+                    f"row {first_row + int(over[0])} has squared norm {sq[over[0]]:.4g}, above the bound "
+                    f"{self._phi:.4g} this L2-trick index was built with: rebuild it over all vectors, or "
+                    "build with max_norm set to the largest norm you will add (or use mips='ip')"
+                )
 
     def _transform_rows(self, block: np.ndarray) -> np.ndarray:
         if self.mips == "ip":
             return block
         sq = np.einsum("ij,ij->i", block, block, dtype=np.float64)
-        if sq.max() > self._phi * (1 + 1e-6):
-            raise IndexStateError(
-                f"a new vector has squared norm {sq.max():.4g} above the bound {self._phi:.4g} this "
-                "L2-trick index was built with: rebuild it over all vectors, or build with max_norm set "
-                "to the largest norm you will add (or use mips='ip')"
-            )
         out = np.empty((block.shape[0], block.shape[1] + 1), np.float32)  # (n, D+1)
         out[:, :-1] = block
         out[:, -1] = np.sqrt(np.maximum(self._phi - sq, 0.0))
@@ -1104,14 +1133,17 @@ class HNSWIndex(_FaissIndex):
         index.hnsw.efSearch = self.ef_search
         return index
 
-    def _reserve(self, n: int) -> None:
+    def _reserve(self, n_new: int) -> None:
         # faiss grows its code vector by doubling as blocks arrive, which would leave up to twice the
         # vectors' memory allocated (and copy it at every doubling). Sizing it once up front is safe:
         # faiss resizes to exactly ntotal * code_size on each add, and shrinking keeps the allocation.
         storage = faiss.downcast_index(self._index.storage)
-        if hasattr(storage, "codes") and self._index.ntotal == 0:
-            storage.codes.resize(n * storage.code_size)
-            storage.codes.resize(0)
+        codes = getattr(storage, "codes", None)
+        if codes is None or not getattr(codes, "is_owned", True):
+            return
+        held = storage.ntotal * storage.code_size
+        codes.resize(held + n_new * storage.code_size)
+        codes.resize(held)
 
     def _search_params(self, n_docs: int):
         return faiss.SearchParametersHNSW(efSearch=max(self.ef_search, n_docs))
