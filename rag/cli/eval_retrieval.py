@@ -40,7 +40,7 @@ from rag.cli.index import (
     set_threads,
 )
 from rag.metrics import answer_recall_at_k, gold_recall_at_k, gold_recall_counts
-from rag.retrieval.embed import open_embeddings
+from rag.retrieval.embed import EmbeddingsError, open_embeddings
 from rag.retrieval.index import recall_vs_exact
 from rag.retrieval.retriever import BM25Retriever, DenseRetriever, Retriever
 from rag.types import Question
@@ -152,7 +152,12 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
                 rebuild_command=f"rag-eval-retrieval rebuild=true (or rag-index index={index.kind} rebuild=true)",
                 corpus_name=cfg.corpus.name,
             )
-            doc_embeds = open_embeddings(result.embeddings_dir, expected_rows=len(passages))
+            try:
+                doc_embeds = open_embeddings(result.embeddings_dir, expected_rows=len(passages))
+            except EmbeddingsError as err:
+                # the index alone still serves: its own vectors (exact for flat and hnsw) stand in
+                _log(f"stored embeddings unusable ({err}); using the vectors held by the {index.kind} index")
+                doc_embeds = None
             retrievers[f"dense {name}"] = DenseRetriever(
                 result.index, passages, query_encoder, doc_embeds=doc_embeds
             )
