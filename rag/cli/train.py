@@ -18,9 +18,11 @@ index and the corpus are re-attached from that config, never unpickled.
 
 from __future__ import annotations
 
+import difflib
 import json
 import netrc
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -39,7 +41,6 @@ from rag.cli.index import (
     default_index_dir,
     ensure_index,
     fail,
-    instantiate,
     set_threads,
 )
 from rag.cli.index import known_errors as _index_errors
@@ -71,6 +72,19 @@ def known_errors() -> tuple[type[Exception], ...]:
         ContextError,
         DecodingError,
     )
+
+
+def instantiate(node: DictConfig, **kwargs):
+    """``hydra.utils.instantiate`` that surfaces our own errors (one clear message) instead of Hydra's
+    wrapper around them."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, known_errors()):
+            raise err.__cause__ from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -321,10 +335,33 @@ def check_overrides(config_name: str, overrides: Sequence[str], prog: str) -> No
             compose(config_name=config_name, overrides=plain)
     except (HydraException, OmegaConfBaseException) as err:
         message = str(err).strip()
+        unknown = re.match(r"Could not override '([^']+)'", message)
+        if unknown:
+            message += "\n" + _unknown_key_line(config_name, plain, unknown.group(1))
         print(
             f"error: {message}\n{CONFIG_HINT.format(prog=prog, conf=CONF_DIR)}", file=sys.stderr, flush=True
         )
         sys.exit(2)
+
+
+def _unknown_key_line(config_name: str, overrides: Sequence[str], key: str) -> str:
+    """ "the config has no key X", with the closest keys of its parent node when the rest composes."""
+    from hydra import compose, initialize_config_dir
+
+    line = f"the config has no key '{key}'"
+    rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key]
+    parent, _, name = key.rpartition(".")
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=rest)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        keys = list(node.keys()) if isinstance(node, DictConfig) else []
+    except Exception:  # the suggestion is a courtesy: the error itself is reported either way
+        keys = []
+    close = difflib.get_close_matches(name, [str(k) for k in keys], n=3)
+    if close:
+        line += " (did you mean " + ", ".join(f"'{parent + '.' if parent else ''}{c}'" for c in close) + "?)"
+    return line
 
 
 def hydra_entry(task, config_name: str, prog: str) -> None:
