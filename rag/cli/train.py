@@ -224,6 +224,7 @@ def write_json_atomic(path: Path, data) -> None:
 def run(cfg: DictConfig) -> dict:
     """Train (and test) as configured; returns the final validation and test metrics."""
     import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
 
     check_required(cfg)
     set_threads(cfg.threads)
@@ -245,17 +246,29 @@ def run(cfg: DictConfig) -> dict:
     _log(f"{model.extra_repr()}; output in {output_dir}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     val = {k: v for k, v in _metrics_dict(trainer.callback_metrics).items() if k.startswith("val/")}
-    checkpoint = next((c for c in trainer.checkpoint_callbacks if c.best_model_path), None)
+    last = None
+    if callbacks and any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        # the final state, whatever the validation schedule: a finished run can be continued with more steps
+        last = output_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(last)
+    best = next(
+        (
+            c.best_model_path
+            for c in callbacks
+            if type(c) is ModelCheckpoint and c.monitor and c.best_model_path
+        ),
+        None,
+    )
     summary = {
         "name": cfg.name,
         "global_step": trainer.global_step,
         "val": val,
-        "best_checkpoint": checkpoint.best_model_path if checkpoint else None,
-        "last_checkpoint": (checkpoint.last_model_path or None) if checkpoint else None,
+        "best_checkpoint": best,
+        "last_checkpoint": str(last) if last else None,
         "resumed_from": ckpt_path,
     }
     if cfg.test and len(datamodule.sets["test"]):
-        results = trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint else None)
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best)
         summary["test"] = _metrics_dict(results[0]) if results else {}
     summary["wall_seconds"] = time.perf_counter() - started
     summary["peak_rss_mb"] = _peak_rss_mb()
