@@ -24,6 +24,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from rag.generation import decoding
 from rag.generation.decoding import (
     DecodingError,
     rag_generate,
@@ -431,3 +432,23 @@ def test_bad_inputs_and_settings_raise_clear_errors():
     bert = BertModel(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(DecodingError, match="encoder-decoder"):
         rag_token_generate(bert, ids, mask, doc_scores)
+
+
+@pytest.mark.parametrize("decoder,settings", ALL, ids=[d for d, _ in ALL])
+def test_generators_without_a_reusable_cache_decode_the_same(decoder, settings, monkeypatch):
+    """The shared first step and cross-attention are an optimisation for caches that expose them; without them
+    every row runs its own decoder steps and the answers are the same."""
+    model = tiny_bart()
+    ids, mask, doc_scores = random_docs(2, 3, 9, seed=13)
+    shared = rag_generate(model, ids, mask, doc_scores, decoder=decoder, max_length=9, **settings)
+    original_init = decoding._EncodedContexts.__init__
+
+    def without_shared_cache(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.first_self = self.cross = None
+
+    monkeypatch.setattr(decoding._EncodedContexts, "__init__", without_shared_cache)
+    alone = rag_generate(model, ids, mask, doc_scores, decoder=decoder, max_length=9, **settings)
+    assert torch.equal(shared.sequences, alone.sequences)
+    torch.testing.assert_close(shared.scores, alone.scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shared.doc_posteriors, alone.doc_posteriors, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,21 @@ EOS, BOS and padding ids and the generation settings come from ``model.generatio
 
 The beam bookkeeping (top 2*beams continuations, finished-hypothesis pool, length penalty on the generated
 length, the ``early_stopping`` heuristics) follows transformers' vectorised beam search, so that the same
-settings give the same hypotheses as ``model.generate`` and transformers' RAG classes.
+settings give the same hypotheses as ``model.generate`` and transformers' RAG classes
+(tests/test_parity_transformers.py). Where the results differ from transformers' RAG ``generate``, on purpose:
+
+* RAG-Sequence candidates are searched with the contexts' attention mask; transformers passes
+  ``attention_mask=None`` to the generator, so its beams attend to the padding of shorter contexts.
+* A test-time ``n_docs`` is honoured in the rescoring too (transformers reshapes by ``config.n_docs``,
+  huggingface/transformers#14394).
+* A leading BOS is left out of each answer's score on its own; transformers leaves it out only when every
+  candidate of the question starts with BOS.
+* Settings default to the generator's ``generation_config``; transformers' RagTokenForGeneration reads the
+  RAG model's own, which can differ from its generator's (pass settings explicitly to compare the two).
+
+Speed: each (question, document) pair is encoded once, and its first decoder step and cross-attention
+keys/values are computed once and shared by all its beams and rescored hypotheses; a rescored pair that a beam
+already scored (the document produced that hypothesis) is not decoded again.
 """
 
 from __future__ import annotations
@@ -37,7 +51,7 @@ from transformers import (
     MinLengthLogitsProcessor,
     NoRepeatNGramLogitsProcessor,
 )
-from transformers.cache_utils import EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from rag.generation.marginalize import target_scored_mask
@@ -246,11 +260,58 @@ def _select_docs(
     return ids, mask, doc_scores.gather(1, doc_indices), doc_indices
 
 
-def _encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Generator encoder states for every (question, document) row: (N, Lc) -> (N, Lc, H)."""
-    return model.get_encoder()(
-        input_ids=input_ids, attention_mask=attention_mask, return_dict=True
-    ).last_hidden_state
+class _EncodedContexts:
+    """The generator's encoder run once over the N (question, document) rows, and the decoder's first step
+    (the start token) with its cross-attention keys/values, also computed once where the generator's cache
+    exposes them.
+
+    Every beam and every rescored hypothesis of a row attends to the same encoder states and starts from the
+    same first step; transformers recomputes both for each copy, here they are gathered instead.
+    """
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, start_token: int):
+        self.model = model
+        encoder = model.get_encoder()
+        self.hidden = encoder(
+            input_ids=input_ids, attention_mask=attention_mask, return_dict=True
+        ).last_hidden_state  # (N, Lc, H)
+        self.mask = attention_mask  # (N, Lc)
+        out = model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=self.hidden),
+            attention_mask=attention_mask,
+            decoder_input_ids=torch.full((input_ids.shape[0], 1), start_token, device=input_ids.device),
+            use_cache=True,
+            return_dict=True,
+        )
+        cache = out.past_key_values
+        self.first_logits = out.logits[:, -1].float()  # (N, V)
+        # per decoder layer (keys, values): self-attention of the start token (N, heads, 1, head_dim) and
+        # cross-attention (N, heads, Lc, head_dim); None when the cache is of another kind
+        self.first_self = self.cross = None
+        if isinstance(cache, EncoderDecoderCache) and all(cache.is_updated.values()):
+            self.first_self = [(layer.keys, layer.values) for layer in cache.self_attention_cache.layers]
+            self.cross = [(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers]
+
+    def rows(self, index: torch.Tensor, after_first_step: bool):
+        """Encoder outputs and mask of rows ``index``, and a fresh decoder cache holding their cross-attention
+        (and the start token's self-attention if ``after_first_step``), or None."""
+        cache = None
+        n_rows = self.mask.shape[0]
+        if index.shape[0] == n_rows and torch.equal(index, torch.arange(n_rows, device=index.device)):
+            index = None  # every row once, in order: no copies
+        if self.cross is not None:
+
+            def select(layers):
+                if index is None:
+                    return list(layers)
+                return [(k.index_select(0, index), v.index_select(0, index)) for k, v in layers]
+
+            own = DynamicCache(select(self.first_self)) if after_first_step else DynamicCache()
+            cache = EncoderDecoderCache(own, DynamicCache(select(self.cross)))
+        if index is None:
+            return BaseModelOutput(last_hidden_state=self.hidden), self.mask, cache
+        hidden = BaseModelOutput(last_hidden_state=self.hidden.index_select(0, index))  # (R, Lc, H)
+        return hidden, self.mask.index_select(0, index), cache
 
 
 def _reorder_self_attention(cache, index: torch.Tensor):
@@ -268,15 +329,18 @@ def _reorder_self_attention(cache, index: torch.Tensor):
 
 
 class _CachedDecoder:
-    """Runs the decoder one token at a time for N rows, each attending to its own encoder states."""
+    """Runs the decoder one token at a time for rows ``index`` of the encoded contexts, with a KV cache."""
 
-    def __init__(self, model, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor):
-        self.model = model
-        self.encoder_outputs = BaseModelOutput(last_hidden_state=encoder_hidden)  # (N, Lc, H)
-        self.encoder_mask = encoder_mask  # (N, Lc)
-        self.cache = None
+    def __init__(self, contexts: _EncodedContexts, index: torch.Tensor):
+        self.model = contexts.model
+        self.encoder_outputs, self.encoder_mask, self.cache = contexts.rows(index, after_first_step=True)
+        # the start token's step is already done when the cache came prefilled with it
+        self.first_logits = None if self.cache is None else contexts.first_logits[index]
 
     def __call__(self, last_tokens: torch.Tensor, reorder: torch.Tensor | None) -> torch.Tensor:
+        if self.first_logits is not None:
+            logits, self.first_logits = self.first_logits, None
+            return logits  # (N, V)
         if reorder is not None and self.cache is not None:
             self.cache = _reorder_self_attention(self.cache, reorder)
         out = self.model(
@@ -296,8 +360,10 @@ class _CachedDecoder:
 # A step maps the running prefixes (N, t) and the beam reordering chosen at the previous step to
 #   logits: what transformers' model forward returns for the next token (N, V): raw logits for a plain
 #           generator, marginal log-probabilities for RAG-Token;
-#   payload: (N, P, V) per-candidate values to carry along each hypothesis (the model's own log-probabilities).
-Step = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
+#   payload: a function of (rows (M,), tokens (M,)) giving (M, P) values to carry along each hypothesis that
+#           extends row with token (the model's own log-probabilities), gathered only for chosen candidates.
+Payload = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Step = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, Payload]]
 
 
 def _greedy(step: Step, n_rows: int, s: _Settings, processors, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,7 +376,7 @@ def _greedy(step: Step, n_rows: int, s: _Settings, processors, device) -> tuple[
         logits, payload = step(sequences, None)
         next_tokens = processors(sequences, logits).argmax(-1)  # (N,)
         next_tokens = torch.where(unfinished, next_tokens, s.pad_token_id)
-        chosen = payload[torch.arange(n_rows, device=device), :, next_tokens]  # (N, P)
+        chosen = payload(torch.arange(n_rows, device=device), next_tokens)  # (N, P)
         payloads.append(chosen.masked_fill(~unfinished[:, None], 0.0))
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)  # (N, t+1)
         unfinished &= ~torch.isin(next_tokens, eos)
@@ -352,10 +418,6 @@ def _beam_search(
         logits, payload = step(flat, reorder)
         log_probs = processors(flat, torch.log_softmax(logits, dim=-1))  # (B*beams, V)
         vocab = log_probs.shape[-1]
-        if running_payload is None:
-            shape = (batch_size, num_beams, max_length, payload.shape[1])
-            running_payload = torch.zeros(shape, dtype=payload.dtype, device=device)
-            finished_payload = running_payload.clone()
         accumulated = (log_probs.view(batch_size, num_beams, vocab) + running_scores[:, :, None]).view(
             batch_size, -1
         )
@@ -364,9 +426,15 @@ def _beam_search(
         tokens = topk_index % vocab  # (B, C)
         cand = running.take_along_dim(source_beam[..., None], dim=1)  # (B, C, T)
         cand[:, :, cur_len] = tokens
+        chosen = payload(
+            (source_beam + batch_range[:, None] * num_beams).view(-1), tokens.view(-1)
+        )  # (B*C, P)
+        if running_payload is None:
+            shape = (batch_size, num_beams, max_length, chosen.shape[-1])
+            running_payload = torch.zeros(shape, dtype=chosen.dtype, device=device)
+            finished_payload = running_payload.clone()
         cand_payload = running_payload.take_along_dim(source_beam[..., None, None], dim=1)  # (B, C, T, P)
-        p = payload.view(batch_size, num_beams, payload.shape[1], vocab)
-        cand_payload[:, :, cur_len] = p[batch_range[:, None], source_beam, :, tokens]  # (B, C, P)
+        cand_payload[:, :, cur_len] = chosen.view(batch_size, beams_to_keep, -1)
         hits_stop = torch.isin(tokens, eos) | (cur_len + 1 >= max_length)  # (B, C)
 
         # beams that keep running: best non-finished continuations
@@ -476,14 +544,13 @@ def rag_token_generate(
     b, n, lc = ids.shape
     device = ids.device
     doc_logprobs = torch.log_softmax(scores.float(), dim=-1)  # (B, n)
-    encoder_hidden = _encode(model, ids.view(b * n, lc), mask.view(b * n, lc))  # (B*n, Lc, H)
+    contexts = _EncodedContexts(model, ids.view(b * n, lc), mask.view(b * n, lc), s.decoder_start_token_id)
     beams = s.num_beams
     # rows are ordered (question, beam, document) so that a beam's K documents sit next to each other
-    rows_hidden = (
-        encoder_hidden.view(b, 1, n, lc, -1).expand(-1, beams, -1, -1, -1).reshape(b * beams * n, lc, -1)
-    )
-    rows_mask = mask.view(b, 1, n, lc).expand(-1, beams, -1, -1).reshape(b * beams * n, lc)
-    decoder = _CachedDecoder(model, rows_hidden, rows_mask)
+    row_index = (
+        torch.arange(b * n, device=device).view(b, 1, n).expand(-1, beams, -1).reshape(-1)
+    )  # (B*beams*n,)
+    decoder = _CachedDecoder(contexts, row_index)
     row_doc_logprobs = doc_logprobs.repeat_interleave(beams, dim=0)[..., None]  # (B*beams, n, 1)
     doc_range = torch.arange(n, device=device)
 
@@ -492,7 +559,11 @@ def rag_token_generate(
         logits = decoder(prefixes[:, -1].repeat_interleave(n), row_reorder)  # (B*beams*n, V)
         per_doc = torch.log_softmax(logits, dim=-1).view(-1, n, logits.shape[-1])  # (B*beams, n, V)
         marginal = torch.logsumexp(per_doc + row_doc_logprobs, dim=1)  # (B*beams, V)
-        return marginal, torch.cat([marginal[:, None], per_doc], dim=1)  # (B*beams, 1+n, V)
+
+        def payload(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            return torch.cat([marginal[rows, tokens][:, None], per_doc[rows, :, tokens]], dim=1)  # (M, 1+n)
+
+        return marginal, payload
 
     processors = _logits_processors(s, logits_processor, device)
     if beams == 1:
@@ -529,42 +600,59 @@ def rag_token_generate(
 
 
 def _rescore(
-    model,
-    encoder_hidden: torch.Tensor,
-    encoder_mask: torch.Tensor,
+    contexts: _EncodedContexts,
     candidates: torch.Tensor,
     candidate_question: torch.Tensor,
-    n: int,
+    known: torch.Tensor,
     s: _Settings,
     exclude_bos: bool,
     batch_rows: int,
 ) -> torch.Tensor:
     """log p(y_c|x,z) for every candidate c against every document z of its question, by forced decoding.
 
-    encoder_hidden (B*n, Lc, H), candidates (C, T) starting with the decoder start token -> (C, n).
+    candidates (C, T) start with the decoder start token; rows of the encoded contexts are question * n + doc.
+    ``known`` (C, n) holds the values the beams already computed (the document that produced a candidate
+    scored it token by token) and NaN elsewhere; only the NaN pairs are decoded. Returns (C, n).
     """
-    c = candidates.shape[0]
-    decoder_input = candidates[:, :-1]  # (C, T-1)
+    n, device = known.shape[1], candidates.device
     target = candidates[:, 1:]  # (C, T-1)
     scored = target_scored_mask(
         target, pad_token_id=s.pad_token_id, bos_token_id=s.bos_token_id, exclude_bos=exclude_bos
     )
-    row_candidate = torch.arange(c, device=candidates.device).repeat_interleave(n)  # (C*n,)
-    row_doc = (candidate_question[:, None] * n + torch.arange(n, device=candidates.device)).view(-1)  # (C*n,)
-    out = torch.empty(c * n, device=candidates.device)
-    for start in range(0, c * n, batch_rows):
-        rows = slice(start, start + batch_rows)
-        cand, doc = row_candidate[rows], row_doc[rows]
-        logits = model(
-            encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden[doc]),
-            attention_mask=encoder_mask[doc],
-            decoder_input_ids=decoder_input[cand],
-            use_cache=False,
-            return_dict=True,
-        ).logits  # (rows, T-1, V)
-        token_ll = torch.log_softmax(logits.float(), dim=-1).gather(-1, target[cand][..., None]).squeeze(-1)
-        out[rows] = token_ll.masked_fill(~scored[cand], 0.0).sum(-1)
-    return out.view(c, n)
+    positions = torch.arange(target.shape[1], device=device)
+    needed = (scored * (positions + 1)).amax(-1).clamp(min=1)  # (C,) decoder positions worth computing
+    row_candidate, row_slot = known.isnan().nonzero(as_tuple=True)  # (P,), (P,)
+    # rows sorted by answer length: each chunk runs only as far as its longest answer
+    by_length = needed[row_candidate].argsort(stable=True)
+    row_candidate, row_slot = row_candidate[by_length], row_slot[by_length]
+    out = known.clone()
+    for start in range(0, row_candidate.shape[0], batch_rows):
+        cand, slot = row_candidate[start : start + batch_rows], row_slot[start : start + batch_rows]
+        t = int(needed[cand].max())
+        doc = candidate_question[cand] * n + slot
+        encoder_outputs, encoder_mask, cache = contexts.rows(doc, after_first_step=True)
+        token_ll = []
+        if cache is not None:  # the start token's step is shared: its distribution is already known
+            first = contexts.first_logits[doc]  # (rows, V)
+            token_ll.append(
+                first.gather(-1, target[cand, :1]) - first.logsumexp(-1, keepdim=True)
+            )  # (rows, 1)
+            decoder_input_ids = candidates[cand, 1:t]
+        else:
+            decoder_input_ids = candidates[cand, :t]
+        if decoder_input_ids.shape[1] > 0:
+            logits = contexts.model(
+                encoder_outputs=encoder_outputs,
+                attention_mask=encoder_mask,
+                decoder_input_ids=decoder_input_ids,
+                past_key_values=cache,
+                use_cache=cache is not None,
+                return_dict=True,
+            ).logits.float()  # (rows, t or t-1, V)
+            step_target = target[cand, t - logits.shape[1] : t, None]
+            token_ll.append(logits.gather(-1, step_target).squeeze(-1) - logits.logsumexp(-1))
+        out[cand, slot] = torch.cat(token_ll, dim=1).masked_fill(~scored[cand, :t], 0.0).sum(-1)  # (rows,)
+    return out
 
 
 @torch.no_grad()
@@ -577,7 +665,7 @@ def rag_sequence_generate(
     n_docs: int | None = None,
     fast: bool = False,
     exclude_bos: bool = True,
-    rescore_batch_rows: int = 512,
+    rescore_batch_rows: int = 256,
     logits_processor: LogitsProcessorList | None = None,
     generation_config: GenerationConfig | None = None,
     **generation_kwargs,
@@ -604,17 +692,16 @@ def rag_sequence_generate(
     )
     device = ids.device
     doc_logprobs = torch.log_softmax(scores.float(), dim=-1)  # (B, n)
-    encoder_hidden = _encode(model, ids.view(b * n, lc), mask.view(b * n, lc))  # (B*n, Lc, H)
-    encoder_mask = mask.view(b * n, lc)
+    contexts = _EncodedContexts(model, ids.view(b * n, lc), mask.view(b * n, lc), s.decoder_start_token_id)
     beams = s.num_beams
-
     decoder = _CachedDecoder(
-        model, encoder_hidden.repeat_interleave(beams, dim=0), encoder_mask.repeat_interleave(beams, dim=0)
-    )
+        contexts, torch.arange(b * n, device=device).repeat_interleave(beams)
+    )  # (b, doc, beam)
 
     def step(prefixes: torch.Tensor, reorder: torch.Tensor | None):
         logits = decoder(prefixes[:, -1], reorder)  # (B*n*beams, V)
-        return logits, torch.log_softmax(logits, dim=-1)[:, None]  # (N, V), (N, 1, V)
+        normaliser = logits.logsumexp(dim=-1)  # (N,)
+        return logits, lambda rows, tokens: (logits[rows, tokens] - normaliser[rows])[:, None]  # (M, 1)
 
     processors = _logits_processors(s, logits_processor, device)
     if beams == 1:
@@ -654,21 +741,15 @@ def rag_sequence_generate(
     candidate_question = unique[order, 0]  # (C,)
     hyp_candidate = rank[inverse]  # (M,)
 
+    # log p(y|x,z) of each candidate under the documents whose beams produced it, NaN under the others
+    known = torch.full((candidates.shape[0], n), float("nan"), device=device)
+    known[hyp_candidate, hyp_doc] = hyp_ll  # (C, n)
     if fast:
-        doc_ll = torch.full((candidates.shape[0], n), float("-inf"), device=device)
-        doc_ll[hyp_candidate, hyp_doc] = hyp_ll  # (C, n)
+        doc_ll = known.masked_fill(
+            known.isnan(), float("-inf")
+        )  # p(y|x,z) = 0 where z's beam did not produce y
     else:
-        doc_ll = _rescore(
-            model,
-            encoder_hidden,
-            encoder_mask,
-            candidates,
-            candidate_question,
-            n,
-            s,
-            exclude_bos,
-            rescore_batch_rows,
-        )  # (C, n)
+        doc_ll = _rescore(contexts, candidates, candidate_question, known, s, exclude_bos, rescore_batch_rows)
     joint = doc_logprobs[candidate_question] + doc_ll  # (C, n)
     candidate_scores = torch.logsumexp(joint, dim=-1)  # (C,)
     candidate_post = torch.softmax(joint, dim=-1)  # (C, n)
