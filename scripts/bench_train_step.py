@@ -12,8 +12,10 @@ index over the 6,536 mini-wiki passages with seeded random document vectors. Our
 same vectors). Each step starts from the question strings and gold answers (tokenisation, retrieval, context
 building included on both sides). Each implementation runs in its own process; time is the median step after
 warm-up, memory the peak resident set during the timed steps above the resident set before them (the
-transient memory of a step: activations, gradients, temporaries). Both must compute the same loss: the
-first-batch losses are printed side by side.
+transient memory of a step: activations, gradients, temporaries). The first-batch losses are printed side by
+side: they agree to float precision where every input fits the context length; where a passage does not,
+transformers cuts the end of ``passage // question`` (the question) and we cut the passage, so the inputs,
+and the losses, differ slightly. transformers pads every input to the context length, we to the longest.
 
 Part 2, the embedded default: MiniLM query encoder, MiniLM-initialised BART, the exact MiniLM index of the
 mini-wiki (built in the cache by the retrieval code if missing): the share of our training step spent in
