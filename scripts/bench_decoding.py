@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (OMP_WAIT_POLICY must be set before torch is imported)
 """Decoding speed: this project's RAG decoders against transformers' RAG classes, side by side in one run.
 
 Same generator weights, documents, doc scores and beam settings for both; the outputs are compared token for
@@ -16,6 +17,12 @@ differ for reasons other than speed.
 """
 
 from __future__ import annotations
+
+import os
+
+# idle OpenMP threads spin-wait by default; on a CPU shared with other jobs that swamps the timings of both
+# sides (tens of times slower at 2 threads); must be set before torch starts its thread pool
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import statistics

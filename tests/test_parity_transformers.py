@@ -16,9 +16,13 @@ from transformers import (
     BartForConditionalGeneration,
     DPRConfig,
     DPRQuestionEncoder,
+    LogitsProcessorList,
     RagConfig,
     RagSequenceForGeneration,
     RagTokenForGeneration,
+    SuppressTokensLogitsProcessor,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 from rag.generation.decoding import rag_sequence_generate, rag_token_generate
@@ -360,3 +364,41 @@ def test_rag_sequence_honours_test_time_n_docs_where_transformers_does_not():
     except AssertionError:  # the rescoring reshapes by config.n_docs and trips over the row count
         broken = None
     assert broken != strip(ours.sequences)
+
+
+@pytest.mark.parametrize(
+    "settings", [dict(num_beams=1, max_length=8), dict(num_beams=3, num_return_sequences=2, max_length=8)]
+)
+def test_rag_token_generate_with_a_t5_generator_matches_transformers(settings):
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=V,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            dropout_rate=0.0,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        )  # fmt: skip
+    ).eval()
+    b, k, lc = 3, 3, 8
+    hf = tiny_rag(RagTokenForGeneration, t5, n_docs=k)
+    ids, mask, doc_scores = random_docs(b, k, lc, seed=15)
+    no_pad = LogitsProcessorList(
+        [SuppressTokensLogitsProcessor([0])]
+    )  # T5 starts with, and likes, its pad id
+    expected = hf.generate(
+        context_input_ids=ids.view(b * k, lc),
+        context_attention_mask=mask.view(b * k, lc),
+        doc_scores=doc_scores,
+        n_docs=k,
+        logits_processor=no_pad,
+        **settings,
+    )
+    ours = rag_token_generate(t5, ids, mask, doc_scores, logits_processor=no_pad, **settings)
+    assert ours.sequences.flatten(0, 1).tolist() == expected.tolist()
+    assert len({tuple(r) for r in expected.tolist()}) > 1
