@@ -28,6 +28,8 @@ from rag.model import RagAnswer, RagModel
 __all__ = ["OptimConfig", "RagLitModule", "prediction_record", "score_records"]
 
 SCHEDULERS = ("constant", "linear", "polynomial")
+#: checkpoint key: "config" when every weight comes from the run config's checkpoints, none from the file
+WEIGHTS_FROM_KEY = "rag_weights_from"
 
 
 class LitModuleError(ValueError):
@@ -341,6 +343,9 @@ class RagLitModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         prefixes = self._frozen_prefixes()
+        if checkpoint.get(WEIGHTS_FROM_KEY) == "config":
+            # rag-convert import writes no weights: its config loads them (a released RAG checkpoint, rag.interop)
+            prefixes = ("",)
         if prefixes:
             state = checkpoint["state_dict"]
             for key, value in self.state_dict().items():

@@ -119,6 +119,9 @@ class RagModel(nn.Module):
         max_context_length: Lc at most for ``title / text // question`` (the passage is cut, never the
             question).
         max_target_length: T at most for the target answer (cut, keeping eos).
+        context_prefix: prepended to every generator input; None: the generator config's ``prefix``, as
+            transformers' ``RagRetriever`` does (released RAG checkpoints are evaluated that way, see
+            :mod:`rag.interop`).
         label_smoothing, label_smoothing_form, reduction, exclude_bos: passed to the head's NLL
             (:mod:`rag.generation.marginalize`); ``reduction`` is ``none`` | ``sum`` | ``mean`` |
             ``token_mean``.
@@ -140,6 +143,7 @@ class RagModel(nn.Module):
         eval_n_docs: int | None = None,
         max_context_length: int = 200,
         max_target_length: int = 32,
+        context_prefix: str | None = "",
         label_smoothing: float = 0.0,
         label_smoothing_form: str = "posterior",
         reduction: str = "mean",
@@ -176,6 +180,9 @@ class RagModel(nn.Module):
         self.n_docs = self._check_k(n_docs, "n_docs")
         self.eval_n_docs = None if eval_n_docs is None else self._check_k(eval_n_docs, "eval_n_docs")
         self.max_context_length = int(max_context_length)
+        if context_prefix is None:
+            context_prefix = getattr(generator.config, "prefix", None) or ""
+        self.context_prefix = str(context_prefix)
         self.max_target_length = int(max_target_length)
         self.label_smoothing = float(label_smoothing)
         self.label_smoothing_form = label_smoothing_form
@@ -295,6 +302,7 @@ class RagModel(nn.Module):
             self.generator,
             n_docs=0 if retrieval is None else None,
             max_context_length=self.max_context_length,
+            prefix=self.context_prefix,
         )
         device = self.device
         doc_scores = ctx.doc_scores.to(device) if retrieval is None else retrieval.doc_scores  # (B, K)
@@ -356,6 +364,7 @@ class RagModel(nn.Module):
             self.generator,
             n_docs=0 if retrieval is None else None,
             max_context_length=self.max_context_length,
+            prefix=self.context_prefix,
         )
         device = self.device
         doc_scores = (
