@@ -25,6 +25,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from rag.retrieval.index import FlatIndex, HNSWIndex, HNSWSQ8Index, IVFPQIndex, estimate_memory_bytes
 
@@ -41,9 +42,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best counts")
     p.add_argument("--build-rounds", type=int, default=2, help="alternating HNSW builds, ours and bare")
-    p.add_argument("--m", type=int, default=32, help="HNSW degree (conf/index/hnsw.yaml)")
-    p.add_argument("--ef-construction", type=int, default=80)
-    p.add_argument("--ef-search", type=int, default=128)
+    shipped = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "index" / "hnsw.yaml")
+    p.add_argument("--m", type=int, default=shipped.m, help="HNSW degree (default: conf/index/hnsw.yaml)")
+    p.add_argument("--ef-construction", type=int, default=shipped.ef_construction)
+    p.add_argument("--ef-search", type=int, default=shipped.ef_search)
     p.add_argument("--skip", default="", help="comma list of sections to skip: faissflat,l2,sq8,ivfpq")
     p.add_argument(
         "--data",
