@@ -287,19 +287,23 @@ class _EncodedContexts:
         self.first_logits = out.logits[:, -1].float()  # (N, V)
         # per decoder layer (keys, values): self-attention of the start token (N, heads, 1, head_dim) and
         # cross-attention (N, heads, Lc, head_dim); None when the cache is of another kind
-        self.first_self = self.cross = None
+        self.first_self = self.cross = self._first_cache = None
         if isinstance(cache, EncoderDecoderCache) and all(cache.is_updated.values()):
             self.first_self = [(layer.keys, layer.values) for layer in cache.self_attention_cache.layers]
             self.cross = [(layer.keys, layer.values) for layer in cache.cross_attention_cache.layers]
+            self._first_cache = cache  # handed, uncopied, to one decoder that continues every row in order
 
     def rows(self, index: torch.Tensor, after_first_step: bool):
-        """Encoder outputs and mask of rows ``index``, and a fresh decoder cache holding their cross-attention
-        (and the start token's self-attention if ``after_first_step``), or None."""
+        """Encoder outputs and mask of rows ``index``, and a decoder cache of their own holding their
+        cross-attention (and the start token's self-attention if ``after_first_step``), or None."""
         cache = None
         n_rows = self.mask.shape[0]
         if index.shape[0] == n_rows and torch.equal(index, torch.arange(n_rows, device=index.device)):
             index = None  # every row once, in order: no copies
-        if self.cross is not None:
+        if index is None and after_first_step and self._first_cache is not None:
+            # cache updates replace tensors rather than writing into them, so first_self and cross stay intact
+            cache, self._first_cache = self._first_cache, None
+        elif self.cross is not None:
 
             def select(layers):
                 if index is None:
