@@ -430,8 +430,8 @@ def test_delta_detects_corruption_and_wrong_base(tiny_bert_dir, tmp_path):
 
 
 def test_every_generator_config_resolves_and_the_tiny_one_builds(monkeypatch):
-    names = sorted(p.stem for p in CONF.glob("*.yaml"))
-    assert names == ["bart_large", "minilm_bart", "t5", "tiny"]
+    names = {p.stem for p in CONF.glob("*.yaml")}
+    assert {"bart_large", "minilm_bart", "t5", "tiny"} <= names
     gen = instantiate(OmegaConf.load(CONF / "tiny.yaml"))
     assert isinstance(gen, Generator) and gen.model.config.d_model == 16
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
