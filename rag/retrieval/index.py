@@ -945,6 +945,7 @@ class _FaissIndex(DenseIndex):
 
     def _clear(self) -> None:
         self._index = None
+        self._gpu_index = None
         self._phi = 0.0
 
     def _prepare(self, embeds) -> None:
@@ -988,13 +989,16 @@ class _FaissIndex(DenseIndex):
     def _search_params(self, n_docs: int):
         return None
 
+    def _faiss_search(self, queries: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._index.search(queries, n_docs, params=self._search_params(n_docs))
+
     def _search(self, queries: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
         if self.mips == "l2":
             qa = np.zeros((queries.shape[0], queries.shape[1] + 1), np.float32)  # (B, D+1)
             qa[:, :-1] = queries
         else:
             qa = queries
-        dist, ids = self._index.search(qa, n_docs, params=self._search_params(n_docs))  # (B, K)
+        dist, ids = self._faiss_search(qa, n_docs)  # (B, K)
         if self.mips == "l2":
             q_sq = np.einsum("ij,ij->i", queries, queries, dtype=np.float64)[:, None]
             scores = ((q_sq + self._phi - dist.astype(np.float64)) / 2).astype(np.float32)
@@ -1017,12 +1021,7 @@ class _FaissIndex(DenseIndex):
         return {"phi": self._phi}
 
     def _save_data(self, path: Path) -> None:
-        faiss.write_index(self._cpu_index(), str(path))
-
-    def _cpu_index(self) -> faiss.Index:
-        if hasattr(faiss, "GpuIndex") and isinstance(self._index, faiss.GpuIndex):
-            return faiss.index_gpu_to_cpu(self._index)
-        return self._index
+        faiss.write_index(self._index, str(path))
 
     def _load_data(self, path: Path, manifest: IndexManifest) -> None:
         index = faiss.read_index(str(path))
@@ -1387,11 +1386,26 @@ class IVFPQIndex(_FaissIndex):
         return int(n * (code + 8) + nlist * dim * 4 + (2**pq_nbits) * dim * 4)
 
     def to_gpu(self, device: int = 0) -> IVFPQIndex:
+        """Search on GPU ``device`` (faiss' GPU build only). The CPU index stays the one that is added
+        to, saved and measured; ``add`` refreshes the GPU copy."""
         _require_faiss_gpu()
         self._require_built()
-        self._gpu_res = faiss.StandardGpuResources()
-        self._index = faiss.index_cpu_to_gpu(self._gpu_res, device, self._index)
+        self._gpu_device = device
+        self._gpu_res = getattr(self, "_gpu_res", None) or faiss.StandardGpuResources()
+        self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_res, device, self._index)
         return self
+
+    def _faiss_search(self, queries: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
+        gpu = getattr(self, "_gpu_index", None)
+        if gpu is None:
+            return super()._faiss_search(queries, n_docs)
+        faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe", min(self.nprobe, self._nlist_used))
+        return gpu.search(queries, n_docs)
+
+    def _add_all(self, embeds, desc: str) -> None:
+        super()._add_all(embeds, desc)
+        if getattr(self, "_gpu_index", None) is not None:
+            self.to_gpu(self._gpu_device)
 
 
 # ----------------------------------------------------------------------------------------------------
