@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import transformers
 from hydra import compose as compose_config
 from hydra import initialize_config_dir
 from torch import nn
@@ -39,6 +40,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from rag import interop
 from rag.cli import CONF_DIR
 from rag.cli import convert as convert_cli
 from rag.cli import evaluate as evaluate_cli
@@ -140,7 +142,11 @@ def released(tmp_path_factory):
     folders = {}
     for head, cls in (("token", RagTokenForGeneration), ("sequence", RagSequenceForGeneration)):
         folders[head] = root / f"rag-{head}"
-        released_style_rag(cls).save_pretrained(folders[head])
+        rag = released_style_rag(cls)
+        if head == "token":
+            # settings of the RAG model's own generation config, which transformers' RAG-Token generate uses
+            rag.generation_config.update(max_length=9, no_repeat_ngram_size=2)
+        rag.save_pretrained(folders[head])
         RagTokenizer(
             question_encoder=AutoTokenizer.from_pretrained(TINY_BERT),
             generator=AutoTokenizer.from_pretrained(TINY_BART),
@@ -242,6 +248,7 @@ def test_released_rag_token_loads_and_matches_transformers_end_to_end(released):
         )
     assert answers == expected
     assert len(set(answers)) > 1  # not a degenerate case
+    assert model.generator.model.generation_config.max_length == 9  # the checkpoint's settings came along
 
 
 def equal_length_batch(
@@ -321,6 +328,35 @@ def test_released_rag_sequence_loads_and_matches_transformers(released):
             ),
         )
     assert [a.answer for a in answers] == expected and any(expected)
+
+
+def test_a_bare_rag_model_folder_loads_with_the_token_head_by_default(released, tmp_path):
+    folder = tmp_path / "bare"
+    transformers.RagModel.from_pretrained(released.folders["sequence"]).save_pretrained(folder)
+    RagTokenizer.from_pretrained(released.folders["sequence"]).save_pretrained(folder)
+    loaded = load_transformers_rag(folder)
+    assert (loaded.architecture, loaded.head, loaded.model_kwargs()["head"]) == ("RagModel", None, "token")
+    reference = RagSequenceForGeneration.from_pretrained(released.folders["sequence"])
+    for ours, theirs in (
+        (loaded.generator.model, reference.generator),
+        (loaded.query_encoder.model, reference.question_encoder),
+    ):
+        expected = theirs.state_dict()
+        assert all(torch.equal(v, expected[k]) for k, v in ours.state_dict().items())
+
+
+def test_hydra_loaders_take_both_parts_from_one_load(released, monkeypatch):
+    calls = []
+    load = interop.load_transformers_rag
+    monkeypatch.setattr(interop, "load_transformers_rag", lambda *a, **k: calls.append(a) or load(*a, **k))
+    monkeypatch.setattr(interop, "_waiting", {})
+    folder = str(released.folders["token"])
+    generator = interop.load_rag_generator(folder)
+    query_encoder = interop.load_rag_query_encoder(folder, max_length=1000)
+    assert len(calls) == 1 and query_encoder.max_length == 512  # capped at the encoder's positions
+    assert (
+        interop.load_rag_generator(folder) is not generator and len(calls) == 2
+    )  # a second model loads anew
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -570,6 +606,7 @@ def test_cli_import_evaluate_export_round_trip_on_the_released_experiment(releas
         "++corpus.passages.passages={_target_: rag.data.miniwiki.load_corpus}",
         "++corpus.passages.limit=48",
         "embed.show_progress=false",
+        "model.max_context_length=512",  # the tiny checkpoint's max_combined_length: no input is cut
         *[f"data.{s}.nq.path={FIXTURES / 'data' / 'NQ-open.dev.jsonl'}" for s in ("train", "val", "test")],
         f"cache_dir={tmp_path / 'cache'}",
         f"output_dir={tmp_path / 'out'}",
@@ -598,7 +635,9 @@ def test_cli_import_evaluate_export_round_trip_on_the_released_experiment(releas
             n_docs=15,
             max_length=51,
         )
-    assert [r["prediction"] for r in records] == decoded(tok, sequences)
+    assert [r["prediction"] for r in records] == decoded(tok, sequences) and any(
+        r["prediction"] for r in records
+    )
 
     exported = tmp_path / "exported"
     convert_cli.run_export(compose("convert_export", [f"ckpt_path={ckpt}", f"out={exported}"]))
