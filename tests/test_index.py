@@ -342,6 +342,21 @@ def test_save_load_round_trip_gives_identical_results(built, data, tmp_path, nam
     assert written.files == m["files"]
 
 
+@pytest.mark.parametrize("name", ["flat", "hnsw", "hnsw_sq8", "ivfpq"])
+def test_memory_mapped_load_searches_alike_and_is_read_only(built, data, tmp_path, name):
+    x, q = data
+    built[name].save(tmp_path, manifest())
+    mapped = DenseIndex.load(tmp_path, mmap=True)
+    for a, b in zip(built[name].search(q, 10), mapped.search(q, 10)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(IndexStateError, match="mmap=True and is read-only"):
+        mapped.add(x[:3])
+    assert mapped.ntotal == N
+    mapped.build(x[:100])  # a fresh build lives in memory again
+    mapped.add(x[100:110])
+    assert mapped.ntotal == 110
+
+
 def test_load_refuses_another_encoder_dimension_or_corpus(built, tmp_path):
     built["hnsw"].save(tmp_path, manifest(rebuild_command="rag-index index=hnsw corpus=mini"))
     cases = {

@@ -405,6 +405,7 @@ class DenseIndex:
         self.verbose = bool(verbose)
         self._dim: int | None = None
         self._embed_dtype = ""
+        self._read_only = False  # loaded with mmap=True
         self.build_recall: dict[str, float] | None = None
 
     # -- what subclasses provide -------------------------------------------------------------------
@@ -484,6 +485,7 @@ class DenseIndex:
         if n == 0:
             raise RetrievalInputError("embeds is empty: an index needs at least one passage")
         try:
+            self._read_only = False
             self._reset(dim)
             self._dim = dim
             self._embed_dtype = _dtype_name(embeds)
@@ -505,6 +507,11 @@ class DenseIndex:
         if self._dim is None:
             self.build(embeds)
             return
+        if self._read_only:
+            raise IndexStateError(
+                f"this {self.kind} index was loaded with mmap=True and is read-only: load it without mmap "
+                "to add passages (then save it again)"
+            )
         n, _ = _check_matrix(embeds, "embeds", self._dim)
         if n:
             # Check every new row before the first goes in: a bad row halfway must not leave half an add.
@@ -648,11 +655,17 @@ class DenseIndex:
         expected: IndexManifest | None = None,
         verify_checksum: bool = True,
         verbose: bool | None = None,
+        mmap: bool = False,
     ) -> DenseIndex:
         """Load an index saved by `save`. With ``expected``, refuse (`IndexMismatchError`) an index whose
         encoder, dimension, corpus, passage count or metric differ from the fields ``expected`` sets.
         The data file is checked against the manifest's size (and SHA-256 unless verify_checksum=False)
-        before faiss reads it, so a truncated or damaged file gives `IndexCorruptError`."""
+        before faiss reads it, so a truncated or damaged file gives `IndexCorruptError`.
+
+        ``mmap=True`` maps the vectors / codes from the file instead of reading them into memory, so
+        that the processes of one machine share them through the page cache (the HNSW graph links are
+        still read into each process). Such an index is read-only: ``add`` refuses, ``build`` starts
+        afresh in memory."""
         directory = Path(directory)
         manifest = read_manifest(directory)
         if expected is not None:
@@ -694,6 +707,7 @@ class DenseIndex:
         index = kind_cls(**params)
         index._dim = manifest.dim
         index._embed_dtype = manifest.embed_dtype
+        index._read_only = bool(mmap)
         try:
             index._load_data(path, manifest)
         except (RuntimeError, ValueError, OSError, EOFError) as exc:
@@ -873,8 +887,15 @@ class FlatIndex(DenseIndex):
         if arr.ndim != 2 or arr.shape[1] != manifest.dim or arr.dtype != np.float32:
             raise ValueError(f"stored array has shape {arr.shape} and dtype {arr.dtype}")
         self._blocks = []
-        for _, block in _iter_chunks(arr, self.chunk_rows, "stored embeddings"):
-            self._blocks.append(torch.from_numpy(block.copy() if not block.flags.owndata else block))
+        for start in range(0, arr.shape[0], self.chunk_rows):
+            block = arr[start : start + self.chunk_rows]
+            if self._read_only:
+                with warnings.catch_warnings():
+                    # torch cannot mark a tensor read-only; nothing here writes to the stored blocks
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    self._blocks.append(torch.from_numpy(block))
+            else:
+                self._blocks.append(torch.from_numpy(_to_float32(block, "stored embeddings", start).copy()))
 
     def to_gpu(self, device: int = 0) -> FlatIndex:
         """Move the stored vectors to CUDA device ``device`` (torch, so faiss' GPU build is not needed)."""
@@ -1023,8 +1044,12 @@ class _FaissIndex(DenseIndex):
     def _save_data(self, path: Path) -> None:
         faiss.write_index(self._index, str(path))
 
+    _MMAP_FLAG: ClassVar[int] = faiss.IO_FLAG_MMAP_IFC  # maps IndexFlatCodes' codes (HNSW storage)
+
     def _load_data(self, path: Path, manifest: IndexManifest) -> None:
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(
+            str(path), self._MMAP_FLAG | faiss.IO_FLAG_READ_ONLY if self._read_only else 0
+        )
         expected_d = manifest.dim + (1 if self.mips == "l2" else 0)
         if index.d != expected_d:
             raise ValueError(f"faiss index has dimension {index.d}, expected {expected_d}")
@@ -1251,6 +1276,7 @@ class IVFPQIndex(_FaissIndex):
     """
 
     kind = "ivfpq"
+    _MMAP_FLAG: ClassVar[int] = faiss.IO_FLAG_MMAP  # maps the inverted lists
 
     def __init__(
         self,
