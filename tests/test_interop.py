@@ -50,6 +50,7 @@ from rag.generation.generator import Generator, build_tiny_bart
 from rag.interop import (
     EXPORT_MANIFEST,
     ExportError,
+    InteropError,
     NotARagCheckpointError,
     TokenizerMismatchError,
     export_transformers_rag,
@@ -263,8 +264,10 @@ def equal_length_batch(
     chosen = next(qs[:n_questions] for qs in by_length.values() if len(qs) >= n_questions)
     lengths: dict[int, list] = {}
     for p in load_corpus()[:2000]:
-        n = len(build_context_inputs([chosen[0].question], [[p]], tokenizer, prefix=prefix, max_context_length=10**6)
-                .context_input_ids[0, 0])  # fmt: skip
+        one = build_context_inputs(
+            [chosen[0].question], [[p]], tokenizer, prefix=prefix, max_context_length=10**6
+        )
+        n = one.context_input_ids.shape[-1]
         if n > max_length:
             continue
         lengths.setdefault(n, []).append(p)
@@ -564,15 +567,24 @@ def test_folders_that_are_not_rag_checkpoints_are_refused_with_the_fix(released,
         load_transformers_rag(no_tokenizers)
 
 
-def test_mismatched_tokenizers_are_refused_before_the_weights_load(released):
+def test_mismatched_tokenizers_are_refused_before_the_weights_load(released, monkeypatch):
     folder = released.folders["token"]
+    load = RagTokenForGeneration.from_pretrained
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the tokenizers were checked")
+
+    monkeypatch.setattr(RagTokenForGeneration, "from_pretrained", no_weights)
     with pytest.raises(TokenizerMismatchError, match="pads with id 0 but the generator with id 1"):
         load_transformers_rag(folder, generator_tokenizer=TINY_BERT)
     with pytest.raises(
         TokenizerMismatchError, match="has 700 tokens but the DPR question encoder's vocabulary only 199"
     ):
         load_transformers_rag(folder, question_encoder_tokenizer=TINY_BART)
+    with pytest.raises(InteropError, match="cannot load the generator tokenizer"):
+        load_transformers_rag(folder, generator_tokenizer=folder / "missing")
     # the checkpoint's own tokenizers pass the same checks
+    monkeypatch.setattr(RagTokenForGeneration, "from_pretrained", load)
     assert load_transformers_rag(folder).generator.pad_token_id == PAD
 
 
