@@ -215,3 +215,18 @@ def test_shipped_minilm_is_mean_pooled_and_normalised(tmp_path):
     shutil.copytree(gt.get_model_path(), tmp_path / "minilm-copy")
     copy = DocumentEncoder.from_pretrained(tmp_path / "minilm-copy")
     assert copy.name == "minilm-copy" and copy.weights_checksum() == encoder.weights_checksum()
+
+
+def test_max_length_is_capped_at_the_models_positions(tmp_path):
+    # a BERT with 32 positions must not be fed 256 tokens (the default), whatever the caller asked
+    folder = save_tiny_bert(tmp_path / "short")
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 32
+    (folder / "config.json").write_text(json.dumps(config))
+    from transformers import BertModel
+
+    BertModel(BertModel.config_class(**config)).save_pretrained(folder)
+    encoder = load_document_encoder(str(folder), pooling="mean")
+    assert encoder.max_length == 32
+    long_text = " ".join(["the cat sat on the mat"] * 40)  # far more than 32 tokens
+    assert encoder.encode([long_text]).shape == (1, encoder.dim)

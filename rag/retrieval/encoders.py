@@ -87,6 +87,13 @@ def _sentence_transformers_settings(folder: Path) -> dict:
     return settings
 
 
+def _max_positions(model: nn.Module) -> int | None:
+    """How many positions the BERT (or the BERT inside a DPR model) can embed, if its config says."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``hidden`` (B, L, H) over the positions where ``attention_mask`` (B, L) is 1 -> (B, H)."""
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
@@ -127,7 +134,9 @@ class BertEncoder(nn.Module):
             )
         self.pooling = pooling
         self.normalize = normalize
-        self.max_length = int(max_length)
+        # never ask for more tokens than the model has positions: a longer input would crash inside BERT
+        n_positions = _max_positions(model)
+        self.max_length = int(max_length) if n_positions is None else min(int(max_length), n_positions)
         self.name = name
         # from_pretrained hands models over in eval mode; keep the wrapper's flag in step with them
         self.train(model.training)
