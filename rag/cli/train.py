@@ -316,8 +316,14 @@ def load_checkpoint(path: str | os.PathLike, overrides: dict | DictConfig | None
     cfg = checkpoint_config(path)
     stored_cache = Path(str(cfg.get("cache_dir", ""))).expanduser()
     if not stored_cache.is_dir():
-        # the run was trained where another cache folder existed: use this machine's
+        # the run was trained where another cache folder existed: use this machine's, and say so
         cfg.cache_dir = os.environ.get("RAG_HOME", "~/.cache/rag")
+        print(
+            f"[rag] the checkpoint's cache_dir {stored_cache} does not exist here: indexes are looked up (and "
+            f"built if missing) in {cfg.cache_dir}; set RAG_HOME or pass cache_dir=... to choose",
+            file=sys.stderr,
+            flush=True,
+        )
     if overrides:
         cfg = OmegaConf.merge(cfg, overrides)
     model = build_model(cfg)
