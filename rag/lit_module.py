@@ -210,7 +210,8 @@ class RagLitModule(pl.LightningModule):
 
     def training_step(self, batch: QABatch, batch_idx: int) -> torch.Tensor:
         out = self.model(batch.questions, batch.targets)
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch))
+        # the mean over ranks: with equal per-rank batches, the loss of the global batch (as one process logs it)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch), sync_dist=True)
         if out.n_truncated:
             self.log("train/truncated_contexts", float(out.n_truncated), batch_size=len(batch))
         return out.loss

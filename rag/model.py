@@ -429,11 +429,14 @@ def tiny_bert_encoder(
     max_length: int = 128,
     seed: int = 0,
     name: str = "tiny-bert",
+    dropout: float = 0.1,
 ) -> BertEncoder:
     """A randomly initialised BERT encoder of a few layers (smoke runs, tests), a function of the seed alone.
 
     Uses the shipped MiniLM WordPiece tokenizer (always installed), so it needs no files and no hub. The query
-    and document encoders of one seed start equal, as DPR's two encoders start from one BERT.
+    and document encoders of one seed start equal, as DPR's two encoders start from one BERT. ``dropout`` is
+    BERT's hidden and attention dropout (0 makes a training step a function of its batch alone, so that runs
+    over different numbers of processes can be compared).
     """
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -450,6 +453,8 @@ def tiny_bert_encoder(
         intermediate_size=intermediate_size,
         max_position_embeddings=max(512, max_length),
         pad_token_id=tokenizer.pad_token_id,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -13,6 +13,9 @@ and the index parameters is reused unless ``rebuild=true``.
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import inspect
 import logging
 import sys
 import time
@@ -71,6 +74,25 @@ def _comparable(params: dict) -> dict:
     return {k: v for k, v in params.items() if k != "verbose"}
 
 
+def _one_process_at_a_time(build):
+    """Run ``build`` under an exclusive lock beside its ``index_dir``: processes that ask for the same index
+    at once (the ranks of a DDP job) take turns, so the first builds it and the others load it."""
+
+    @functools.wraps(build)
+    def locked(*args, **kwargs):
+        index_dir = Path(inspect.signature(build).bind(*args, **kwargs).arguments["index_dir"]).expanduser()
+        index_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(index_dir.with_name(f".{index_dir.name}.lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                return build(*args, **kwargs)
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    return locked
+
+
+@_one_process_at_a_time
 def ensure_index(
     passages: Sequence[Passage],
     doc_encoder: BertEncoder,
@@ -82,12 +104,18 @@ def ensure_index(
     rebuild: bool = False,
     rebuild_command: str = "",
     corpus_name: str = "",
+    mmap: bool = False,
 ) -> IndexResult:
     """Load the index in ``index_dir`` if it fits; otherwise embed what is missing and build ``index``.
 
     ``index`` is an empty index of the wanted kind and parameters; ``embed`` holds :func:`embed_corpus`
-    options (batch_size, dtype, rows_per_file, shard, num_shards, overwrite).
+    options (batch_size, dtype, rows_per_file, shard, num_shards, overwrite). ``mmap`` loads an existing
+    index memory-mapped (read-only, its vectors shared by the processes of a machine). Before embedding,
+    the memory each index kind needs is printed, and an index this machine cannot hold is refused
+    (:mod:`rag.retrieval.memory`).
     """
+    from rag.retrieval.memory import plan_for_index, print_plan
+
     embed = dict(embed or {})
     index_dir, embeddings_dir = Path(index_dir).expanduser(), Path(embeddings_dir).expanduser()
     checksum = corpus_checksum(passages)
@@ -107,12 +135,17 @@ def ensure_index(
         )
         if not saved.differences(expected) and same_params:
             print(f"[rag-index] reusing the {index.kind} index in {index_dir}", file=sys.stderr, flush=True)
-            loaded = DenseIndex.load(index_dir, expected=expected, verbose=index.verbose)
+            loaded = DenseIndex.load(index_dir, expected=expected, verbose=index.verbose, mmap=mmap)
             return IndexResult(loaded, index_dir, embeddings_dir, built=False)
         diffs = saved.differences(expected)
         why = f"it was built for another {', '.join(diffs)}" if diffs else "its kind or parameters differ"
         print(f"[rag-index] rebuilding the index in {index_dir}: {why}", file=sys.stderr, flush=True)
 
+    # refuse an index this machine cannot hold before hours of embedding, not after
+    plan = plan_for_index(index, len(passages), doc_encoder.dim, embed.get("dtype", "float32"))
+    print_plan(plan)
+    if embed.get("num_shards", 1) == 1:
+        plan.check()
     start = time.perf_counter()
     report = embed_corpus(doc_encoder, passages, embeddings_dir, **embed)
     if report.computed:
@@ -140,6 +173,7 @@ def ensure_index(
         embeds = consolidate_embeddings(
             embeddings_dir, passages, show_progress=embed.get("show_progress", True)
         )
+    plan.check()
     start = time.perf_counter()
     index.build(embeds)
     print(

@@ -45,6 +45,7 @@ from rag.cli.index import (
 )
 from rag.cli.index import known_errors as _index_errors
 from rag.retrieval.embed import open_embeddings
+from rag.retrieval.index import DenseIndex
 from rag.retrieval.retriever import BM25Retriever, DenseRetriever, Retriever
 
 CONFIG_NAME = "train"
@@ -122,6 +123,7 @@ def build_retriever(cfg: DictConfig) -> Retriever | None:
         rebuild=cfg.rebuild_index,
         rebuild_command="rag-train ... rebuild_index=true (or rag-index ... rebuild=true)",
         corpus_name=cfg.corpus.name,
+        mmap=True,  # training never adds to the index: the processes of a machine share one mapped copy
     )
     del doc_encoder  # the index holds d(z) for every passage; the encoder itself is not needed any more
     if result.index is None:
@@ -129,8 +131,11 @@ def build_retriever(cfg: DictConfig) -> Retriever | None:
             "the document embeddings are incomplete (embed.num_shards > 1): embed every shard with rag-index "
             "first, then train"
         )
+    index = result.index
+    if result.built:  # from the file just written, mapped like the other processes' copies
+        index = DenseIndex.load(result.index_dir, verify_checksum=False, verbose=False, mmap=True)
     doc_embeds = open_embeddings(result.embeddings_dir, expected_rows=len(passages))
-    return DenseRetriever(result.index, passages, None, doc_embeds=doc_embeds)
+    return DenseRetriever(index, passages, None, doc_embeds=doc_embeds)
 
 
 def build_model(cfg: DictConfig):

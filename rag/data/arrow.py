@@ -256,7 +256,7 @@ def convert_passages(
             _remove_conversion(out)
         elif is_arrow_corpus(out):
             manifest = _read_manifest(out)
-            if manifest["source"] != record:
+            if manifest["source"] != record and not _same_content(manifest, record, source):
                 raise ArrowCorpusError(
                     f"{out} holds a finished conversion of {manifest['source']['path']} "
                     f"({manifest['source']['bytes']:,} bytes, format {manifest['source']['format']}), which "
@@ -266,6 +266,22 @@ def convert_passages(
             return ArrowPassages(out)
         _convert(source, out, record, rows_per_part, show_progress)
     return ArrowPassages(out)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_content(manifest: dict, record: dict, source: Path) -> bool:
+    """A source that differs from the manifest's only by its modification time (copied, touched, written
+    again with the same rows) is the same source if its bytes hash the same."""
+    saved = {k: v for k, v in manifest["source"].items() if k != "mtime_ns"}
+    now = {k: v for k, v in record.items() if k != "mtime_ns"}
+    return saved == now and manifest.get("source_sha256") == _file_sha256(source)
 
 
 def _convert(source: Path, out: Path, record: dict, rows_per_part: int, show_progress: bool) -> None:
@@ -364,6 +380,7 @@ def _finish(out: Path, parts: list[dict], record: dict) -> None:
         "id_lookup": "sequential" if sequential else IDS_NAME,
         "first_int_id": first if sequential else None,
         "source": record,
+        "source_sha256": _file_sha256(Path(record["path"])),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     _write_json_atomic(out / MANIFEST_NAME, manifest)
@@ -384,7 +401,7 @@ def _read_manifest(directory: Path) -> dict:
         raise ArrowCorpusError(
             f"{directory} is not a finished Arrow corpus (no {MANIFEST_NAME})"
             + (
-                ": its conversion was interrupted; run convert_passages (or rag-convert-passages) again to "
+                ": its conversion was interrupted; run convert_passages (python -m rag.data.arrow) again to "
                 "resume it"
                 if unfinished
                 else ": convert a passage file into it first (rag.data.arrow.convert_passages)"

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from rag.data.errors import DataError
 from rag.types import Passage, Question
@@ -123,31 +123,38 @@ class QuestionSet(Dataset):
         return name, index, question, self.target(question, row, epoch)
 
 
-class EpochSampler(Sampler):
-    """Yields ``(row, epoch)``: a permutation drawn from ``(seed, epoch)`` (or the rows in order).
+class EpochSampler(DistributedSampler):
+    """Yields ``(row, epoch)``: a permutation drawn from ``(seed, epoch)`` (or the rows in order), and in a
+    distributed run (``torch.distributed`` initialised when the loader is made) this rank's share of it.
 
-    Lightning calls ``set_epoch`` at every epoch start (also through its distributed wrapper), which makes
-    the order, and the ``random`` answer choice, a function of the seed and the epoch alone.
+    Lightning calls ``set_epoch`` at every epoch start, which makes the order, and the ``random`` answer
+    choice, a function of the seed and the epoch alone. Rank r of W takes rows ``r, r+W, ...`` of the epoch's
+    order (padded with its first rows to a multiple of W, as DistributedSampler pads), so that the W batches
+    of one step hold the rows that one process's batch of W times the size would hold: a W-process run
+    trains on the same global batches as one process. Being a DistributedSampler, Lightning does not wrap
+    it in its own, which would reshuffle the order for training.
     """
 
     def __init__(self, n: int, shuffle: bool = True, seed: int = 0) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        super().__init__(
+            range(n),
+            num_replicas=torch.distributed.get_world_size() if distributed else 1,
+            rank=torch.distributed.get_rank() if distributed else 0,
+            shuffle=shuffle,
+            seed=seed,
+        )
         self.n = n
-        self.shuffle = shuffle
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
         else:
-            order = range(self.n)
+            order = list(range(self.n))
+        if self.num_replicas > 1 and order:
+            order += (order * self.num_replicas)[: self.total_size - self.n]
+            order = order[self.rank : self.total_size : self.num_replicas]
         return iter([(i, self.epoch) for i in order])
 
 
