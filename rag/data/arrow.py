@@ -152,14 +152,14 @@ class _PartWriter:
         self.rows += len(ids)
 
     def _track_ids(self, ids: list[str]) -> None:
-        # ids that are the integers first, first+1, ... in row order need no lookup table
+        # ids that are the integers first, first+1, ... in row order need no lookup table: row = id - first
         if self.first_int is None and ids:
             if not (ids[0].isdigit() and str(int(ids[0])) == ids[0]):
                 self.sequential = False
                 return
-            self.first_int = int(ids[0]) - self.rows
-        expected = range(self.first_int + self.rows, self.first_int + self.rows + len(ids))
-        self.sequential = all(pid == str(value) for pid, value in zip(ids, expected))
+            self.first_int = int(ids[0]) - self.start - self.rows
+        first = self.first_int + self.start + self.rows
+        self.sequential = all(pid == str(value) for pid, value in zip(ids, range(first, first + len(ids))))
 
     def finish(self, source: dict) -> dict:
         self.writer.close()
