@@ -490,8 +490,12 @@ class ArrowPassages(Sequence[Passage]):
         if rows.size and (rows.min() < -n or rows.max() >= n):
             raise IndexError(f"passage rows out of range for {n} passages")
         rows = np.where(rows < 0, rows + n, rows)
-        cols = self._table.take(pa.array(rows)).to_pydict()
-        return [Passage(id=i, title=t, text=x) for i, t, x in zip(cols["id"], cols["title"], cols["text"])]
+        # row by row: Arrow's take over a chunked string column concatenates the chunks first, which reads the
+        # whole column (1.5 s for 160 rows of 1M passages, against 1 ms this way)
+        ids, titles, texts = self._columns
+        return [
+            Passage(id=ids[r].as_py(), title=titles[r].as_py(), text=texts[r].as_py()) for r in rows.tolist()
+        ]
 
     def __iter__(self) -> Iterator[Passage]:
         for batch in self._table.to_batches(max_chunksize=BATCH_ROWS):
