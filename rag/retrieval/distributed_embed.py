@@ -36,6 +36,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,7 +360,10 @@ def embed_corpus_distributed(
         inference_mode=True,
     )
     data = _EmbedData(passages, encoder, out, options)
-    pl_trainer.predict(_EmbedModule(encoder), datamodule=data, return_predictions=False)
+    with warnings.catch_warnings():
+        # the writer finds each row's place from the batch itself, not from Lightning's batch indices
+        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+        pl_trainer.predict(_EmbedModule(encoder), datamodule=data, return_predictions=False)
     report = DistributedEmbedReport(
         out_dir=out,
         rank=pl_trainer.global_rank,
