@@ -1,7 +1,8 @@
 """Benchmark of the dense indexes against bare torch and bare faiss, measured side by side in one run.
 
     python scripts/bench_index.py                 # 100k synthetic normalised 768-d vectors, 2 threads
-    python scripts/bench_index.py --n 1000000     # the 1M case (a benchmark job, not CI: ~10 GB, long)
+    python scripts/bench_index.py --n 1000000     # the 1M case: a benchmark job, not CI (~16 GB, hours
+                                                  # on 2 cores: five HNSW builds)
     python scripts/bench_index.py --n 20000 --skip sq8,ivfpq,l2   # quick look while developing
 
 Every figure is a ratio against a baseline timed in the same run (best of --rounds interleaved rounds,
@@ -10,7 +11,12 @@ HNSW at recall@10 >= 0.95 of exact and >= 1.5x torch exact at 100k (>= 8x at 1M)
 1.10x of bare faiss HNSW for search and 1.15x for build; memory per vector within 1.05x of faiss'
 figure (4D + 8M bytes for HNSW); peak memory while building <= 2x the final index; IVF-PQ <= 100
 bytes per vector. Anchor: DPR reports 995 questions/s for HNSW over 21M passages, top-100, on a server
-with 20+ cores (Karpukhin et al. 2020, §6.2 "Run-time efficiency").
+with 20+ cores (Karpukhin et al. 2020, the run-time efficiency paragraph of the experiments).
+
+The synthetic vectors follow a power-law spectrum fitted to the project's MiniLM embeddings (see
+make_data); --data iid gives isotropic Gaussian vectors, the adversarial case for HNSW and PQ.
+Builds are compared on process CPU time (best of --build-rounds alternating builds): on a shared
+machine two builds minutes apart see different loads, and wall time is printed beside it.
 """
 
 from __future__ import annotations
