@@ -51,11 +51,17 @@ def _usage() -> dict:
     return {"peak_rss_bytes": own.ru_maxrss * 1024, "cpu_seconds": own.ru_utime + own.ru_stime}
 
 
-def _rss_now() -> int:
+def _rss_now(field: str = "VmRSS") -> int:
+    """Resident memory now; ``RssAnon``: the private part, without the pages of memory-mapped files (the
+    Arrow corpus, the embeddings, a mapped index), which the page cache shares and can reclaim."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _private_now() -> int:
+    return _rss_now("RssAnon")
 
 
 def _import_everything() -> None:
@@ -149,6 +155,7 @@ def stage_convert(args) -> dict:
         "convert_peak_rss_bytes": convert_peak,
         "convert_work_rss_bytes": convert_peak - _BASELINE[0],
         "mapped_rss_bytes": _rss_now() - _BASELINE[0],
+        "convert_private_bytes": _SAMPLER[0].peak_private - _BASELINE[1],
         "checksum_pass_seconds": checksum_s,
         "row_lookup_us": single_us,
         "batch_lookup_ms": batch_ms,
@@ -162,7 +169,12 @@ def stage_read_list(args) -> dict:
     started = time.perf_counter()
     passages = read_passages(args.workdir / "psgs_w100.tsv")
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "n": len(passages), "held_rss_bytes": _rss_now() - _BASELINE[0]}
+    return {
+        "seconds": seconds,
+        "n": len(passages),
+        "held_rss_bytes": _rss_now() - _BASELINE[0],
+        "held_private_bytes": _private_now() - _BASELINE[1],
+    }
 
 
 def stage_embed(args) -> dict:
@@ -308,6 +320,7 @@ def stage_search(args, kind: str) -> dict:
     index = DenseIndex.load(args.workdir / f"index-{kind}", verify_checksum=False, **_mmap_kwargs())
     load_s = time.perf_counter() - started
     after_load = _usage()["peak_rss_bytes"]
+    private_after_load = _private_now() - _BASELINE[1]
     queries = probe_queries(embeds, args.queries, seed=1)
     started = time.perf_counter()
     ids = []
@@ -324,6 +337,7 @@ def stage_search(args, kind: str) -> dict:
     return {
         "load_seconds": load_s,
         "rss_after_load_bytes": after_load,
+        "private_after_load_bytes": private_after_load,
         "queries_per_s": len(queries) / search_s,
         "exact_queries_per_s": len(queries) / exact_s,
         "recall_at_5": recall,
@@ -384,6 +398,7 @@ class _PeakSampler:
         import threading
 
         self.peak = _rss_now()
+        self.peak_private = _private_now()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -391,6 +406,7 @@ class _PeakSampler:
     def _run(self) -> None:
         while not self._stop.wait(0.02):
             self.peak = max(self.peak, _rss_now())
+            self.peak_private = max(self.peak_private, _private_now())
 
     def stop(self) -> int:
         self._stop.set()
@@ -398,7 +414,7 @@ class _PeakSampler:
         return max(self.peak, _rss_now())
 
 
-_BASELINE = [0]
+_BASELINE = [0, 0]  # resident, private
 _SAMPLER: list[_PeakSampler | None] = [None]
 
 
@@ -406,6 +422,7 @@ def child(args) -> None:
     _threads(args.threads)
     _import_everything()
     baseline = _BASELINE[0] = _rss_now()
+    _BASELINE[1] = _private_now()
     cpu0, wall0 = _usage()["cpu_seconds"], time.perf_counter()
     sampler = _SAMPLER[0] = _PeakSampler()
     name = args.stage
@@ -421,6 +438,7 @@ def child(args) -> None:
     result["peak_rss_bytes"] = peak
     result["baseline_rss_bytes"] = baseline
     result["work_rss_bytes"] = peak - baseline
+    result["private_bytes"] = max(sampler.peak_private, _private_now()) - _BASELINE[1]
     print(json.dumps(result))
 
 
@@ -428,8 +446,14 @@ def gb(x: float) -> str:
     return f"{x / 1e9:.1f} GB" if x >= 1e8 else f"{x / 1e6:.0f} MB"
 
 
-def mem(result: dict, peak: str = "peak_rss_bytes", work: str = "work_rss_bytes") -> str:
-    return f"{gb(result[peak])} ({gb(result[work])})"
+def mem(
+    result: dict, peak: str = "peak_rss_bytes", work: str = "work_rss_bytes", private: str = "private_bytes"
+) -> str:
+    """Peak resident memory (with mapped file pages), and the stage's own private memory above the imports
+    (or, for results measured before private memory was recorded, its resident memory above them, marked *)."""
+    if private in result:
+        return f"{gb(result[peak])} / {gb(result[private])}"
+    return f"{gb(result[peak])} / {gb(result[work])}*"
 
 
 def duration(seconds: float) -> str:
@@ -449,7 +473,7 @@ def report(args, results: dict) -> None:
         f"\n## Measured: {n:,} synthetic passages, tiny encoder dim {args.dim}, {args.threads} threads "
         f"(2 shared cores: CPU time is the steadier figure)\n"
     )
-    print("| stage | wall | CPU | peak RSS (above imports) | notes |\n|---|---:|---:|---:|---|")
+    print("| stage | wall | CPU | peak RSS / private above imports | notes |\n|---|---:|---:|---:|---|")
     conv, lst = results["convert"], results.get("read-list")
     notes = (
         f"{conv['passages_per_s']:,.0f} passages/s; Arrow {gb(conv['arrow_disk_bytes'])} on disk; full pass "
@@ -458,13 +482,14 @@ def report(args, results: dict) -> None:
     )
     print(
         f"| convert | {duration(conv['stage_wall_seconds'])} | {duration(conv['stage_cpu_seconds'])} | "
-        f"{mem(conv, 'convert_peak_rss_bytes', 'convert_work_rss_bytes')} | {notes} |"
+        f"{mem(conv, 'convert_peak_rss_bytes', 'convert_work_rss_bytes', 'convert_private_bytes')} | {notes} |"
     )
     if lst:
         print(
             f"| baseline: read into a list | {duration(lst['stage_wall_seconds'])} | {duration(lst['stage_cpu_seconds'])} | "
-            f"{mem(lst)} | the list holds {lst['held_rss_bytes'] / max(conv['convert_work_rss_bytes'], 1):.1f}x "
-            "the converter's peak, for as long as the process lives; Arrow maps instead |"
+            f"{mem(lst, private='held_private_bytes')} | the list stays resident in every process that reads it; "
+            f"the Arrow corpus is mapped and shared (the converter's private peak: "
+            f"{gb(conv.get('convert_private_bytes', 0))}) |"
         )
     emb = results["embed"]
     base = results.get("embed-baseline")
@@ -488,18 +513,20 @@ def report(args, results: dict) -> None:
                 f"| search {kind} | {duration(s['stage_wall_seconds'])} | {duration(s['stage_cpu_seconds'])} | "
                 f"{mem(s)} | {s['queries_per_s']:,.0f} q/s = {s['queries_per_s'] / s['exact_queries_per_s']:.1f}x "
                 f"exact ({s['exact_queries_per_s']:,.0f} q/s); recall@5 {s['recall_at_5']:.3f}; RSS after mmap load "
-                f"{gb(s['rss_after_load_bytes'])} |"
+                f"{gb(s['rss_after_load_bytes'])}, private {gb(s.get('private_after_load_bytes', 0))} |"
             )
     cal = results.get("calibrate", {})
     print(f"\n## Extrapolation to {DPR_PASSAGES:,} passages (x{scale:.1f})\n")
     print(
         f"- convert: {duration(conv['stage_cpu_seconds'] * scale)} CPU on one core; Arrow files "
-        f"{gb(conv['arrow_disk_bytes'] * scale)} on disk; peak RAM {gb(conv['convert_work_rss_bytes'] * scale)} above "
+        f"{gb(conv['arrow_disk_bytes'] * scale)} on disk; private memory "
+        f"{gb(conv.get('convert_private_bytes', conv['convert_work_rss_bytes']) * scale)} above "
         "the imports (the duplicate-id set grows with N); opening them afterwards maps, it does not load."
     )
     if lst:
         print(
-            f"- the same corpus as a Python list: {gb(lst['held_rss_bytes'] * scale)} in every process that loads it."
+            f"- the same corpus as a Python list: {gb(lst.get('held_private_bytes', lst['held_rss_bytes']) * scale)} "
+            "in every process that loads it."
         )
     if cal:
         per_core = cal["bert_base_passages_per_s"] / args.threads
