@@ -143,10 +143,10 @@ def test_interrupted_run_resumes_without_recomputing_finished_files(encoder, tmp
 def test_a_data_file_without_its_record_is_not_finished(encoder, tmp_path, monkeypatch):
     import rag.retrieval.embed as embed_module
 
-    def crash(path, text):
+    def crash(path, data, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(embed_module, "_atomic_write_text", crash)
+    monkeypatch.setattr(embed_module, "write_json_atomic", crash)
     with pytest.raises(OSError, match="disk full"):
         embed_corpus(encoder, PASSAGES, tmp_path, show_progress=False)
     assert (tmp_path / "embeds_0000000000_0000000010.npy").is_file()

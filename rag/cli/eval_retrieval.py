@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from rag.atomic import write_text_atomic
 from rag.cli import CONF_DIR
 from rag.cli.index import (
     ConfigError,
@@ -229,8 +230,8 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "retrieval.md", table)
-        _write_atomic(out / "retrieval.json", json.dumps(report, indent=1, default=_json_default))
+        write_text_atomic(out / "retrieval.md", table)
+        write_text_atomic(out / "retrieval.json", json.dumps(report, indent=1, default=_json_default))
         _log(f"wrote {out / 'retrieval.md'} and {out / 'retrieval.json'}")
     return report
 
@@ -243,12 +244,6 @@ def _json_default(value):
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval_retrieval")

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from rag.atomic import write_json_atomic
 from rag.cli.index import ConfigError, check_required, set_threads
-from rag.cli.train import hydra_entry, instantiate, load_checkpoint, write_json_atomic
+from rag.cli.train import hydra_entry, instantiate, load_checkpoint
 from rag.data.corpus import write_jsonl
 from rag.lit_module import score_records
 

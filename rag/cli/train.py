@@ -19,7 +19,6 @@ index and the corpus are re-attached from that config, never unpickled.
 from __future__ import annotations
 
 import difflib
-import json
 import netrc
 import os
 import re
@@ -32,6 +31,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from rag.atomic import write_json_atomic
 from rag.cli import CONF_DIR
 from rag.cli.index import (
     ConfigError,
@@ -214,13 +214,6 @@ def _resolve_ckpt_path(cfg: DictConfig) -> str | None:
 
 def _metrics_dict(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in sorted(metrics.items()) if isinstance(v, (int, float, torch.Tensor))}
-
-
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- running

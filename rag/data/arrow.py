@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rag.atomic import write_json_atomic
 from rag.data.corpus import iter_passages
 from rag.data.errors import DataError
 from rag.types import Passage
@@ -79,13 +80,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    _fsync_file(tmp)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -177,7 +171,7 @@ class _PartWriter:
             "first_int_id": self.first_int if self.sequential else None,
             "source": source,
         }
-        _write_json_atomic(self.out / f"{_part_name(self.index)}.json", record)
+        write_json_atomic(self.out / f"{_part_name(self.index)}.json", record)
         return record
 
     def abort(self) -> None:
@@ -383,7 +377,7 @@ def _finish(out: Path, parts: list[dict], record: dict) -> None:
         "source_sha256": _file_sha256(Path(record["path"])),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    _write_json_atomic(out / MANIFEST_NAME, manifest)
+    write_json_atomic(out / MANIFEST_NAME, manifest)
 
 
 # ---------------------------------------------------------------------------------------------- reading

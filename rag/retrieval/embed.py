@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rag.atomic import write_json_atomic
 from rag.retrieval.encoders import BertEncoder
 from rag.retrieval.errors import RetrievalError, RetrievalInputError
 from rag.types import Passage
@@ -70,15 +71,6 @@ def _file_stem(start: int, end: int) -> str:
 
 def _array_checksum(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).reshape(-1)).hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -241,7 +233,7 @@ def _embed_file(
         "sha256": checksum,
         **expected,
     }
-    _atomic_write_text(meta_path, json.dumps(meta, indent=1, sort_keys=True))
+    write_json_atomic(meta_path, meta)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -375,7 +367,7 @@ def consolidate_embeddings(
         raise
     record = {k: v for k, v in metas[0].items() if not k.startswith("_")}
     record.update(start=0, end=n, count=n, sha256=checksum, passages_sha256=corpus_checksum(passages))
-    _atomic_write_text(directory / f"{stem}.json", json.dumps(record, indent=1, sort_keys=True))
+    write_json_atomic(directory / f"{stem}.json", record)
     _remove_records(directory, metas)
     return open_embeddings(directory, expected_rows=n)
 

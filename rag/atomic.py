@@ -1,0 +1,34 @@
+"""Atomic file writes: a crash or an interrupt never leaves a half-written file that looks whole.
+
+The content goes to a temporary file in the same folder (so the rename cannot cross file systems), is
+flushed to disk, and then replaces the target in one ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (parents created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, **dumps_kwargs) -> Path:
+    """Write ``data`` as JSON (indent 1, sorted keys unless overridden) to ``path`` atomically."""
+    dumps_kwargs = {"indent": 1, "sort_keys": True, **dumps_kwargs}
+    return write_text_atomic(path, json.dumps(data, **dumps_kwargs))
