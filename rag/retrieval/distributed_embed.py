@@ -31,7 +31,6 @@ the index.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -47,12 +46,12 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
+from rag.atomic import write_json_atomic
 from rag.retrieval.embed import (
     DTYPES,
     FORMAT_VERSION,
     EmbeddingsError,
     _array_checksum,
-    _atomic_write_text,
     _check_finished,
     _encoder_record,
     _file_stem,
@@ -283,7 +282,7 @@ class EmbeddingsWriter(BasePredictionWriter):
             "sha256": checksum,
             **expected,
         }
-        _atomic_write_text(self.out_dir / f"{stem}.json", json.dumps(meta, indent=1, sort_keys=True))
+        write_json_atomic(self.out_dir / f"{stem}.json", meta)
         self.finished.append((lo, hi))
 
     def _discard_open(self) -> None:
