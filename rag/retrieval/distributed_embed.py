@@ -115,6 +115,7 @@ class _FileBatches(Dataset):
 
     def _file(self, f: int) -> tuple[dict, np.ndarray]:
         if self._cached is None or self._cached[0] != f:
+            self._cached = None  # one file's tokens at a time: a file of 65,536 passages holds ~1 GB of them
             lo, hi = self.files[f]
             chunk = self.passages[lo:hi]
             tokens = self.tokenizer(
