@@ -282,6 +282,17 @@ class RagModel(nn.Module):
 
     # ------------------------------------------------------------------------------------ training
 
+    def _context_inputs(self, texts: list[str], retrieval):
+        """Generator inputs for the retrieved passages, or the question alone (closed book)."""
+        return build_context_inputs(
+            texts,
+            None if retrieval is None else retrieval.passages,
+            self.generator,
+            n_docs=0 if retrieval is None else None,
+            max_context_length=self.max_context_length,
+            prefix=self.context_prefix,
+        )
+
     def forward(
         self,
         questions: Sequence[Question | str],
@@ -296,14 +307,7 @@ class RagModel(nn.Module):
                 "one target answer string per question"
             )
         retrieval = self.retrieve(texts, n_docs)
-        ctx = build_context_inputs(
-            texts,
-            None if retrieval is None else retrieval.passages,
-            self.generator,
-            n_docs=0 if retrieval is None else None,
-            max_context_length=self.max_context_length,
-            prefix=self.context_prefix,
-        )
+        ctx = self._context_inputs(texts, retrieval)
         device = self.device
         doc_scores = ctx.doc_scores.to(device) if retrieval is None else retrieval.doc_scores  # (B, K)
         labels = build_labels(list(targets), self.generator, self.max_target_length).to(device)  # (B, T)
@@ -358,14 +362,7 @@ class RagModel(nn.Module):
             raise RagModelError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         k = n_docs if n_docs is not None else (self.eval_n_docs or self.n_docs)
         retrieval = self.retrieve(texts, k)
-        ctx = build_context_inputs(
-            texts,
-            None if retrieval is None else retrieval.passages,
-            self.generator,
-            n_docs=0 if retrieval is None else None,
-            max_context_length=self.max_context_length,
-            prefix=self.context_prefix,
-        )
+        ctx = self._context_inputs(texts, retrieval)
         device = self.device
         doc_scores = (
             (ctx.doc_scores if retrieval is None else retrieval.doc_scores).to(device).float()
