@@ -40,7 +40,10 @@ class LitModuleError(ValueError):
 class OptimConfig:
     """AdamW with warm-up then constant, linear or polynomial decay (transformers' schedules).
 
-    ``query_encoder_lr`` sets a separate learning rate for q(x) (None: ``lr``). Weight decay skips biases
+    ``query_encoder_lr`` sets a separate learning rate for q(x) (None: ``lr``). ``lr_scale`` maps regular
+    expressions over parameter names (within the generator or query encoder) to a factor on their learning
+    rate (the first that matches wins), e.g. ``{encoder_attn: 3.0}`` for the fresh cross-attention of a
+    BERT-initialised BART; each must match some trainable parameter. Weight decay skips biases
     and LayerNorm weights, as transformers' fine-tuning scripts do. ``warmup_steps`` and the decay count
     optimiser steps; the decay ends at ``lr_end`` (polynomial) or 0 (linear) after the run's last step.
     """
@@ -54,9 +57,23 @@ class OptimConfig:
     warmup_steps: int = 500
     lr_end: float = 1e-7
     power: float = 1.0
+    lr_scale: dict[str, float] | None = None
+    fused: bool = True  # torch's fused AdamW kernel (on CPU 2-3x faster than the per-tensor loop)
 
     def __post_init__(self) -> None:
+        import re
+
         self.betas = tuple(float(b) for b in self.betas)
+        self.lr_scale = {str(k): float(v) for k, v in (self.lr_scale or {}).items()}
+        for pattern, factor in self.lr_scale.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise LitModuleError(
+                    f"optim.lr_scale key {pattern!r} is not a regular expression: {e}"
+                ) from None
+            if factor <= 0:
+                raise LitModuleError(f"optim.lr_scale[{pattern!r}] must be positive, got {factor}")
         if self.scheduler not in SCHEDULERS:
             raise LitModuleError(f"optim.scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
         if self.lr <= 0 or (self.query_encoder_lr is not None and self.query_encoder_lr <= 0):
@@ -276,22 +293,43 @@ class RagLitModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------ optimiser
 
     def _param_groups(self) -> list[dict]:
+        import re
+
         opt = self.optim
         groups = []
         parts = [("generator", self.model.generator, opt.lr)]
         if self.model.trains_query_encoder:
             parts.append(("query_encoder", self.model.query_encoder, opt.query_encoder_lr or opt.lr))
+        scales = [(pattern, re.compile(pattern), factor) for pattern, factor in opt.lr_scale.items()]
+        used = set()
         for name, module, lr in parts:
-            decay, no_decay = [], []
+            buckets: dict[tuple[bool, str | None], list] = {}
             for param_name, param in module.named_parameters():
                 if not param.requires_grad:
                     continue
                 skip = param_name.endswith("bias") or "LayerNorm" in param_name or "layer_norm" in param_name
-                (no_decay if skip or param.ndim < 2 else decay).append(param)
-            if decay:
-                groups.append({"params": decay, "lr": lr, "weight_decay": opt.weight_decay, "name": name})
-            if no_decay:
-                groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{name}/no_decay"})
+                scale = next((pattern for pattern, regex, _ in scales if regex.search(param_name)), None)
+                used.add(scale)
+                buckets.setdefault((skip or param.ndim < 2, scale), []).append(param)
+            for (no_decay, scale), params in sorted(
+                buckets.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")
+            ):
+                factor = opt.lr_scale[scale] if scale is not None else 1.0
+                group_name = name + ("/no_decay" if no_decay else "") + (f"/{scale}" if scale else "")
+                groups.append(
+                    {
+                        "params": params,
+                        "lr": lr * factor,
+                        "weight_decay": 0.0 if no_decay else opt.weight_decay,
+                        "name": group_name,
+                    }
+                )
+        unused = [pattern for pattern in opt.lr_scale if pattern not in used]
+        if unused:
+            raise LitModuleError(
+                f"optim.lr_scale pattern {unused[0]!r} matches no trainable parameter of the generator or query "
+                "encoder (names look like 'model.decoder.layers.0.encoder_attn.q_proj.weight')"
+            )
         return groups
 
     def configure_optimizers(self):
@@ -302,7 +340,10 @@ class RagLitModule(pl.LightningModule):
         )
 
         opt = self.optim
-        optimizer = torch.optim.AdamW(self._param_groups(), lr=opt.lr, eps=opt.adam_epsilon, betas=opt.betas)
+        groups = self._param_groups()
+        device = groups[0]["params"][0].device if groups else torch.device("cpu")
+        fused = bool(opt.fused) and device.type in ("cpu", "cuda")
+        optimizer = torch.optim.AdamW(groups, lr=opt.lr, eps=opt.adam_epsilon, betas=opt.betas, fused=fused)
         total = self._total_steps()
         warmup = min(opt.warmup_steps, max(total - 1, 0)) if total else opt.warmup_steps
         if opt.scheduler == "constant":

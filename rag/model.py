@@ -1,4 +1,4 @@
-"""RagModel: the query encoder, the frozen retriever, the generator and a marginalisation head (paper §2).
+r"""RagModel: the query encoder, the frozen retriever, the generator and a marginalisation head (paper §2).
 
 A plain ``nn.Module`` (no Lightning) that turns B questions into the RAG training loss and into answers:
 
@@ -15,6 +15,13 @@ Retriever modes (the paper's Table 6 ablations plus the closed-book baseline):
 - ``bm25``: BM25 over title + text; its scores are the document logits of p(z|x).
 - ``none``: closed-book BART through the same code path: one input per question holding the question alone,
   doc_scores zeros (B, 1), so both heads reduce to the plain BART NLL.
+- ``gold``: an oracle that reads each question's own gold passage (:class:`~rag.retrieval.retriever.GoldRetriever`,
+  doc_scores zeros): the reader warm-up of the embedded reference model, and the "given the gold passage"
+  upper bound of an evaluation. Not one of the paper's settings.
+
+``freeze`` lists regular expressions over ``named_parameters()`` (e.g. ``generator\.model\.model\.shared``):
+the parameters they match get ``requires_grad=False`` and stay out of the optimiser (the reference model
+keeps the MiniLM embeddings and lower layers fixed, which also keeps its shipped delta small).
 
 The retriever (index, stored document embeddings, passages) is a plain attribute, never a registered module
 or parameter: it is not in ``state_dict()`` and never goes into a checkpoint; whoever loads a checkpoint
@@ -35,7 +42,7 @@ from rag.generation.decoding import DECODERS, rag_generate
 from rag.generation.generator import Generator
 from rag.generation.marginalize import rag_sequence_nll, rag_token_nll
 from rag.retrieval.encoders import BertEncoder, DocumentEncoder, QueryEncoder
-from rag.retrieval.retriever import BM25Retriever, DenseRetriever, Retriever
+from rag.retrieval.retriever import BM25Retriever, DenseRetriever, GoldRetriever, Retriever
 from rag.types import Passage, Question, RetrievalOutput
 
 __all__ = [
@@ -49,9 +56,9 @@ __all__ = [
 ]
 
 Head = Literal["token", "sequence"]
-RetrieverMode = Literal["learned", "frozen", "bm25", "none"]
+RetrieverMode = Literal["learned", "frozen", "bm25", "none", "gold"]
 HEADS: tuple[str, ...] = ("token", "sequence")
-RETRIEVER_MODES: tuple[str, ...] = ("learned", "frozen", "bm25", "none")
+RETRIEVER_MODES: tuple[str, ...] = ("learned", "frozen", "bm25", "none", "gold")
 REDUCTIONS: tuple[str, ...] = ("none", "sum", "mean", "token_mean")
 #: the decoder each head uses unless one is named: the paper decodes RAG-Token greedily for QA and
 #: RAG-Sequence with thorough decoding (§2.5, §4.1)
@@ -129,6 +136,8 @@ class RagModel(nn.Module):
             head's own (token: greedy, sequence: thorough).
         generation: default transformers generation settings for ``generate`` (``num_beams``,
             ``max_new_tokens``, ``min_length``, ``length_penalty``, ...).
+        freeze: regular expressions (``re.search``) over parameter names; what they match is not trained.
+            Each must match at least one parameter (a typo fails at once).
     """
 
     def __init__(
@@ -150,6 +159,7 @@ class RagModel(nn.Module):
         exclude_bos: bool = False,
         decoder: str | None = None,
         generation: Mapping[str, Any] | None = None,
+        freeze: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -190,6 +200,7 @@ class RagModel(nn.Module):
         self.exclude_bos = bool(exclude_bos)
         self.decoder = decoder
         self.generation = dict(generation or {})
+        self.freeze = self._freeze(freeze)
 
     # ------------------------------------------------------------------------------------ construction
 
@@ -212,11 +223,41 @@ class RagModel(nn.Module):
                     f"the query encoder {query_encoder.name!r} makes {query_encoder.dim}-d vectors but the index "
                     f"holds {retriever.dim}-d ones: use the query encoder paired with the index's document encoder"
                 )
+        elif mode == "gold" and not isinstance(retriever, GoldRetriever):
+            raise RagModelError(
+                f"retriever_mode='gold' needs a GoldRetriever, got {type(retriever).__name__}: build one with "
+                "GoldRetriever.from_passages(passages)"
+            )
         elif mode == "bm25" and not isinstance(retriever, BM25Retriever):
             raise RagModelError(
                 f"retriever_mode='bm25' needs a BM25Retriever, got {type(retriever).__name__}: build one with "
                 "BM25Retriever.from_passages(passages)"
             )
+
+    def _freeze(self, patterns: Sequence[str]) -> list[str]:
+        import re
+
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        names = [name for name, _ in self.named_parameters()]
+        frozen = []
+        for pattern in patterns:
+            try:
+                regex = re.compile(pattern)
+            except re.error as e:
+                raise RagModelError(f"freeze pattern {pattern!r} is not a regular expression: {e}") from None
+            hits = [name for name, p in self.named_parameters() if regex.search(name)]
+            if not hits and pattern.lstrip("^").startswith("query_encoder") and self.query_encoder is None:
+                continue  # one freeze list serves a model with and without a query encoder (closed book)
+            if not hits:
+                raise RagModelError(
+                    f"freeze pattern {pattern!r} matches no parameter; names look like {names[0]!r}, {names[-1]!r}"
+                )
+            for name, p in self.named_parameters():
+                if regex.search(name):
+                    p.requires_grad_(False)
+            frozen.append(pattern)
+        return frozen
 
     def _check_k(self, k: int, name: str) -> int:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -273,6 +314,14 @@ class RagModel(nn.Module):
             return None
         texts = _question_texts(questions)
         k = self._check_k(self.n_docs if n_docs is None else n_docs, "n_docs")
+        if self.retriever_mode == "gold":
+            if not all(isinstance(q, Question) for q in questions):
+                raise RagModelError(
+                    "retriever_mode='gold' reads each question's gold passage: pass rag.types.Question records"
+                )
+            out = self.retriever.retrieve(list(questions), k)
+            out.doc_scores = out.doc_scores.to(device=self.device)  # (B, K) zeros: uniform p(z|x)
+            return out
         if self.retriever_mode == "bm25":
             out = self.retriever.retrieve(texts, k)
             out.doc_scores = out.doc_scores.to(device=self.device, dtype=torch.float32)  # (B, K)
@@ -306,7 +355,7 @@ class RagModel(nn.Module):
                 f"got {len(texts)} questions but {1 if isinstance(targets, str) else len(targets)} targets: pass "
                 "one target answer string per question"
             )
-        retrieval = self.retrieve(texts, n_docs)
+        retrieval = self.retrieve(questions, n_docs)
         ctx = self._context_inputs(texts, retrieval)
         device = self.device
         doc_scores = ctx.doc_scores.to(device) if retrieval is None else retrieval.doc_scores  # (B, K)
@@ -361,7 +410,7 @@ class RagModel(nn.Module):
         if decoder not in DECODERS:
             raise RagModelError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         k = n_docs if n_docs is not None else (self.eval_n_docs or self.n_docs)
-        retrieval = self.retrieve(texts, k)
+        retrieval = self.retrieve(questions, k)
         ctx = self._context_inputs(texts, retrieval)
         device = self.device
         doc_scores = (

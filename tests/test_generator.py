@@ -324,6 +324,27 @@ def test_bart_from_bert_layer_subsets(tiny_bert_dir):
         bart_from_bert(tiny_bert_dir, decoder_layers=3)
 
 
+def test_cross_attention_can_start_as_a_copy_of_self_attention(tiny_bert_dir, tmp_path):
+    gen = bart_from_bert(tiny_bert_dir, cross_attention_init="self")
+    for layer in gen.model.model.decoder.layers:
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            for p in ("weight", "bias"):
+                assert torch.equal(
+                    getattr(getattr(layer.encoder_attn, proj), p), getattr(getattr(layer.self_attn, proj), p)
+                )
+        assert torch.equal(layer.encoder_attn_layer_norm.weight, layer.self_attn_layer_norm.weight)
+        # a copy, not the same tensor: training one leaves the other
+        assert layer.encoder_attn.q_proj.weight.data_ptr() != layer.self_attn.q_proj.weight.data_ptr()
+    assert gen.config.init_from_bert["cross_attention_init"] == "self"
+    # the delta stores the cross-attention whatever its start, so it reloads exactly
+    save_delta(gen, tmp_path / "d", bert_name_or_path=tiny_bert_dir)
+    back = load_delta(tmp_path / "d", bert_name_or_path=tiny_bert_dir)
+    for a, b in zip(gen.model.state_dict().values(), back.model.state_dict().values()):
+        torch.testing.assert_close(a, b.to(a.dtype), atol=1e-3, rtol=1e-3)
+    with pytest.raises(GeneratorConfigError, match="cross_attention_init"):
+        bart_from_bert(tiny_bert_dir, cross_attention_init="copy")
+
+
 def test_bart_from_bert_rejects_non_bert(bpe_bart, tmp_path):
     bpe_bart.save_pretrained(tmp_path / "bart")
     with pytest.raises(GeneratorConfigError, match="needs a BERT"):

@@ -180,3 +180,26 @@ def test_score_records_hand_checked():
         "gold_recall@1",
         "gold_recall@2",
     ]
+
+
+def test_lr_scale_multiplies_the_rate_of_matching_parameters_and_typos_fail(parts, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(RagLitModule, "_total_steps", lambda self: 100)
+    lit = RagLitModule(
+        make_model(parts), OptimConfig(lr=1e-3, warmup_steps=0, lr_scale={"encoder_attn": 3.0})
+    )
+    optimizer = lit.configure_optimizers()["optimizer"]
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert math.isclose(groups["generator/encoder_attn"]["lr"], 3e-3)
+    assert math.isclose(groups["generator"]["lr"], 1e-3)
+    scaled = {
+        id(p) for g in optimizer.param_groups if g["name"].endswith("encoder_attn") for p in g["params"]
+    }
+    names = {id(p): n for n, p in lit.model.generator.named_parameters()}
+    assert scaled and all("encoder_attn" in names[i] for i in scaled)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(
+        1 for p in lit.model.parameters() if p.requires_grad
+    )
+    with pytest.raises(LitModuleError, match="matches no trainable parameter"):
+        RagLitModule(make_model(parts), OptimConfig(lr_scale={"encoder_atn": 3.0})).configure_optimizers()
+    with pytest.raises(LitModuleError, match="positive"):
+        OptimConfig(lr_scale={"encoder_attn": 0})

@@ -297,3 +297,72 @@ def test_parts_that_do_not_fit_are_refused_with_the_fix(parts):
         model(["who?", "what?"], ["one"])
     with pytest.raises(RagModelError, match="not a single question"):
         model.generate("who wrote hamlet")
+
+
+# ------------------------------------------------------------------------------------------ gold mode, freeze
+
+
+def gold_model(parts, **kwargs) -> RagModel:
+    from rag.retrieval.retriever import GoldRetriever
+
+    generator = build_tiny_bart(TINY_BERT, vocab_size=VOCAB, d_model=32, ffn_dim=64, seed=0).eval()
+    kwargs.setdefault("max_context_length", 64)
+    return RagModel(
+        generator, None, GoldRetriever(parts["passages"]), retriever_mode="gold", n_docs=1, **kwargs
+    )
+
+
+def test_gold_mode_reads_each_questions_gold_passage(parts):
+    model = gold_model(parts)
+    out = model(parts["questions"], parts["targets"])
+    for q, row in zip(parts["questions"], out.retrieval.passages):
+        assert [p.id for p in row] == [q.gold_passage_ids[0]]
+    assert torch.equal(out.doc_scores, torch.zeros(8, 1))
+    # with one passage and uniform scores the RAG-Token loss is the generator's own NLL on the gold context
+    ctx = build_context_inputs(
+        parts["questions"], out.retrieval.passages, model.generator, max_context_length=64
+    )
+    labels = build_labels(parts["targets"], model.generator)
+    logits = model.generator(ctx.context_input_ids, ctx.context_attention_mask, labels=labels)[
+        :, 0
+    ]  # (B, T, V)
+    mask = labels != model.generator.pad_token_id
+    nll = -(logits.log_softmax(-1).gather(-1, labels[..., None])[..., 0] * mask).sum(1).mean()
+    torch.testing.assert_close(out.loss, nll)
+    answers = model.generate(parts["questions"][:2])
+    assert [a.passages[0].id for a in answers] == [q.gold_passage_ids[0] for q in parts["questions"][:2]]
+
+
+def test_gold_mode_needs_question_records_with_gold_passages(parts):
+    from rag.retrieval.errors import RetrievalInputError
+    from rag.types import Question
+
+    model = gold_model(parts)
+    with pytest.raises(RagModelError, match="Question records"):
+        model(["who wrote it?"], ["me"])
+    with pytest.raises(RetrievalInputError, match="no gold passage"):
+        model([Question("x", "who wrote it?", ("me",))], ["me"])
+    with pytest.raises(RetrievalInputError, match="not in the corpus"):
+        model([Question("x", "who?", ("me",), gold_passage_ids=("nq:nope",))], ["me"])
+    with pytest.raises(RagModelError, match="GoldRetriever"):
+        RagModel(model.generator, None, parts["bm25"], retriever_mode="gold")
+
+
+def test_freeze_patterns_stop_training_what_they_match_and_typos_fail(parts):
+    model = make_model(
+        parts, freeze=[r"generator\.model\.model\.shared\.", r"query_encoder\.model\.embeddings\."]
+    )
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert "generator.model.model.shared.weight" in frozen
+    assert any(n.startswith("query_encoder.model.embeddings.") for n in frozen)
+    assert not any(n.startswith("generator.model.model.decoder.layers") for n in frozen)
+    out = model(parts["questions"], parts["targets"])
+    out.loss.backward()
+    assert model.generator.model.model.shared.weight.grad is None
+    with pytest.raises(RagModelError, match="matches no parameter"):
+        make_model(parts, freeze=[r"generator\.model\.encoder\.layerz"])
+    with pytest.raises(RagModelError, match="not a regular expression"):
+        make_model(parts, freeze=["(unclosed"])
+    # a query-encoder pattern is skipped for a model without one (the closed-book run of the same config)
+    closed = make_model(parts, mode="none", freeze=[r"query_encoder\.model\.embeddings\."])
+    assert all(p.requires_grad for p in closed.parameters())

@@ -46,7 +46,7 @@ from rag.cli.index import (
 from rag.cli.index import known_errors as _index_errors
 from rag.retrieval.embed import open_embeddings
 from rag.retrieval.index import DenseIndex
-from rag.retrieval.retriever import BM25Retriever, DenseRetriever, Retriever
+from rag.retrieval.retriever import BM25Retriever, DenseRetriever, GoldRetriever, Retriever
 
 CONFIG_NAME = "train"
 CHECKPOINT_NAMES = ("last.ckpt", "interrupted.ckpt")
@@ -98,6 +98,8 @@ def build_retriever(cfg: DictConfig) -> Retriever | None:
         return None
     passages = instantiate(cfg.corpus.passages)
     _log(f"corpus {cfg.corpus.name}: {len(passages):,} passages")
+    if mode == "gold":
+        return GoldRetriever.from_passages(passages, window_words=cfg.gold.window_words)
     if mode == "bm25":
         return BM25Retriever.from_passages(
             passages,
@@ -237,6 +239,9 @@ def run(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     # the run config goes in after Hydra is done: instantiated through Hydra its _target_ nodes would be built
     module = instantiate(cfg.module, _partial_=True)(model=model, run_config=config)
+    if cfg.get("init_from") and not ckpt_path:
+        # a resumed run has its weights in the checkpoint it resumes from
+        init_weights(module, cfg.init_from)
     callbacks = build_callbacks(cfg)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg) or False)
     if ckpt_path:
@@ -274,6 +279,42 @@ def run(cfg: DictConfig) -> dict:
         write_json_atomic(output_dir / "metrics.json", summary)
         _log(f"done in {summary['wall_seconds']:.0f} s; metrics in {output_dir / 'metrics.json'}")
     return summary
+
+
+def init_weights(module, path: str | os.PathLike) -> dict[str, list[str]]:
+    """Start ``module``'s weights from another run's checkpoint (``.ckpt`` written by rag-train): every
+    tensor both have is copied; what the checkpoint lacks (e.g. a query encoder after a gold-passage reader
+    warm-up) keeps its initial value. The optimiser and schedule start fresh (unlike ``ckpt_path``)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"init_from={path} is not a file: give a .ckpt written by rag-train")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and why
+        raise ConfigError(f"init_from={path} could not be read as a rag-train checkpoint ({e})") from None
+    own = module.state_dict()
+    loaded, kept = [], []
+    for name, tensor in own.items():
+        if name not in state:
+            kept.append(name)
+            continue
+        if state[name].shape != tensor.shape:
+            raise ConfigError(
+                f"init_from={path}: {name} has shape {tuple(state[name].shape)} there but {tuple(tensor.shape)} "
+                "here; the run must use the same generator / query encoder architecture as the checkpoint"
+            )
+        loaded.append(name)
+    if not loaded:
+        raise ConfigError(
+            f"init_from={path} shares no weight with this model: is it a checkpoint of another model?"
+        )
+    module.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    kept_parts = sorted({".".join(k.split(".")[:2]) for k in kept})
+    _log(
+        f"init_from {path}: {len(loaded)} tensors loaded"
+        + (f"; kept the initial values of {len(kept)} ({', '.join(kept_parts)})" if kept else "")
+    )
+    return {"loaded": loaded, "kept": kept}
 
 
 def _peak_rss_mb() -> float:

@@ -86,6 +86,8 @@ class QuestionSet(Dataset):
         self.seed = int(seed)
         self.rows: list[tuple[str, int, Question]] = []
         for name, questions in sets.items():
+            if questions is None:
+                continue  # a set switched off in the config (e.g. data.train.cloze=null)
             if isinstance(questions, (str, Question)) or not isinstance(questions, Sequence):
                 raise DataModuleError(
                     f"{split} set {name!r} is a {type(questions).__name__}, not a list of Question: point it at a "

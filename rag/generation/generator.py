@@ -321,6 +321,7 @@ def bart_from_bert(
     decoder_layers: int | None = None,
     match_layer_norm_eps: bool = True,
     dropout: float | None = None,
+    cross_attention_init: str = "fresh",
     seed: int = 0,
 ) -> Generator:
     """A BART whose encoder and decoder start from a BERT checkpoint (default: the shipped MiniLM).
@@ -338,6 +339,9 @@ def bart_from_bert(
         match_layer_norm_eps: set every LayerNorm's epsilon to BERT's 1e-12 (default), so that the encoder
             reproduces the BERT's hidden states; False keeps BART's 1e-5.
         dropout: hidden dropout; None takes BERT's ``hidden_dropout_prob``.
+        cross_attention_init: ``fresh`` (random, Rothe et al.'s default) or ``self``: each decoder layer's
+            cross-attention (and its LayerNorm) starts as a copy of the same layer's self-attention, whose
+            heads already match tokens to similar tokens -- the start of copying from the input.
         seed: seeds the fresh cross-attention.
 
     The tokenizer is the BERT's WordPiece with ``[CLS]``/``[SEP]``/``[PAD]`` as bos/eos/pad and ``[CLS]``
@@ -347,9 +351,22 @@ def bart_from_bert(
     config = _bart_config_from_bert(
         bert.config, tokenizer, encoder_layers, decoder_layers, match_layer_norm_eps, dropout, base_name
     )
+    if cross_attention_init not in CROSS_ATTENTION_INITS:
+        raise GeneratorConfigError(
+            f"cross_attention_init must be one of {CROSS_ATTENTION_INITS}, got {cross_attention_init!r}"
+        )
+    config.init_from_bert["cross_attention_init"] = cross_attention_init
     model = _bart_from_bert_state(config, bert.state_dict(), seed)
+    if cross_attention_init == "self":
+        with torch.no_grad():
+            for layer in model.model.decoder.layers:
+                layer.encoder_attn.load_state_dict(layer.self_attn.state_dict())
+                layer.encoder_attn_layer_norm.load_state_dict(layer.self_attn_layer_norm.state_dict())
     _fit_tokenizer(tokenizer)
     return _wrap(model, tokenizer)
+
+
+CROSS_ATTENTION_INITS = ("fresh", "self")
 
 
 def _load_bert(bert_name_or_path):

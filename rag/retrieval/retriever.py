@@ -294,3 +294,105 @@ class BM25Retriever(Retriever):
             doc_scores=torch.from_numpy(doc_scores),
             passages=self._passages_of(doc_ids),
         )
+
+
+class GoldRetriever(Retriever):
+    """The question's own gold passages (an oracle): the reader warm-up and the "given the gold passage"
+    upper bound of an evaluation.
+
+    ``retrieve(questions, n_docs)`` takes :class:`~rag.types.Question` records (it needs their
+    ``gold_passage_ids``) and returns, for each, its first ``n_docs`` gold passages; a question with fewer
+    repeats its last one, so that every row has K columns. ``doc_scores`` are zeros (a uniform p(z|x)):
+    nothing is learned about retrieval in this mode.
+
+    ``window_words`` (None: whole passages) crops each gold passage to that many words around the first
+    occurrence of one of the question's answers, at an offset drawn from the question id (so the answer is
+    not always in the middle); a passage without the answer keeps its first ``window_words`` words. Shorter
+    inputs make the reader warm-up's steps cheaper and its attention easier to learn.
+    """
+
+    kind = "gold"
+
+    def __init__(self, passages: Sequence[Passage], window_words: int | None = None) -> None:
+        super().__init__(passages)
+        if window_words is not None and (isinstance(window_words, bool) or int(window_words) < 1):
+            raise RetrievalInputError(
+                f"window_words must be a positive integer or None, got {window_words!r}"
+            )
+        self.window_words = None if window_words is None else int(window_words)
+        self.row_of = {p.id: i for i, p in enumerate(passages)}
+
+    @classmethod
+    def from_passages(cls, passages: Sequence[Passage], window_words: int | None = None) -> GoldRetriever:
+        return cls(passages, window_words=window_words)
+
+    def crop(self, passage: Passage, question) -> Passage:
+        """``passage`` cut to ``window_words`` words around the question's first answer found in it."""
+        import random
+        import re
+
+        words = passage.text.split()
+        n = self.window_words
+        if n is None or len(words) <= n:
+            return passage
+        lowered = [w.lower() for w in words]
+        start = None
+        for answer in question.answers:
+            target = answer.lower().split()
+            if not target:
+                continue
+            first = re.escape(target[0])
+            for i in range(len(words) - len(target) + 1):
+                if re.match(first, lowered[i]) and all(
+                    re.sub(r"\W", "", a) == re.sub(r"\W", "", b)
+                    for a, b in zip(lowered[i + 1 : i + len(target)], target[1:])
+                ):
+                    start = i
+                    break
+            if start is not None:
+                break
+        if start is None:
+            begin = 0
+        else:
+            slack = max(n - len(answer.split()), 0)
+            begin = start - random.Random(question.id).randint(0, slack)
+            begin = min(max(begin, 0), len(words) - n)
+        return Passage(passage.id, passage.title, " ".join(words[begin : begin + n]))
+
+    def retrieve(self, questions, n_docs: int) -> RetrievalOutput:
+        from rag.types import Question
+
+        if isinstance(questions, (str, Question)):
+            raise RetrievalInputError(
+                "pass a list of questions (one per batch element), not a single question"
+            )
+        n_docs = check_n_docs(n_docs, self.n_passages)
+        rows = []
+        for i, q in enumerate(questions):
+            if not isinstance(q, Question):
+                raise RetrievalInputError(
+                    f"question {i} is a {type(q).__name__}: the gold retriever needs rag.types.Question records "
+                    "(their gold_passage_ids), not bare strings"
+                )
+            if not q.gold_passage_ids:
+                raise RetrievalInputError(
+                    f"question {q.id!r} has no gold passage: retriever_mode=gold needs question sets with gold "
+                    "passage ids (mini-wiki SQuAD-open / NQ-gold, cloze questions); use a dense or BM25 retriever"
+                )
+            missing = [pid for pid in q.gold_passage_ids if pid not in self.row_of]
+            if missing:
+                raise RetrievalInputError(
+                    f"question {q.id!r} names gold passage {missing[0]!r}, which is not in the corpus: use the "
+                    "corpus the question set was built on"
+                )
+            ids = [self.row_of[pid] for pid in q.gold_passage_ids[:n_docs]]
+            rows.append(ids + ids[-1:] * (n_docs - len(ids)))
+        doc_ids = np.asarray(rows, dtype=np.int64)  # (B, K)
+        passages = self._passages_of(doc_ids)
+        if self.window_words is not None:
+            passages = [[self.crop(p, q) for p in row] for row, q in zip(passages, questions)]
+        return RetrievalOutput(
+            doc_ids=torch.from_numpy(doc_ids),
+            doc_scores=torch.zeros(doc_ids.shape, dtype=torch.float32),  # (B, K)
+            passages=passages,
+        )

@@ -1,0 +1,215 @@
+"""Train the mini-wiki reference models and export them to rag/reference_weights (what rag-reference loads).
+
+    python scripts/train_reference.py                  # all stages, then export (hours on 2 CPU cores)
+    python scripts/train_reference.py --stages reader  # one stage; rerun the command to continue
+    python scripts/train_reference.py --export-only    # re-export finished stages
+
+Four rag-train runs, each in its own fixed folder under --out (default outputs/reference):
+
+1. ``reader``: experiment=miniwiki_reference_reader -- the gold-passage reader warm-up (QA + cloze questions);
+2. ``rag``: experiment=miniwiki_reference_rag init_from=<reader> -- RAG fine-tuning, K=5, learned retriever;
+3. ``closed_book_reader`` and 4. ``closed_book``: the same two runs with model.retriever_mode=none (the
+   question alone), so that the closed-book baseline is trained the same way on the same questions.
+
+Resumable: a finished stage (its metrics.json exists) is skipped; an unfinished one continues from its
+``checkpoints/last.ckpt`` (written every 100 steps), so killing this script loses minutes. Extra Hydra
+overrides for every stage go after ``--`` (e.g. ``-- trainer.max_steps=50`` for a quick try).
+
+The export writes float16 deltas against the installed MiniLM (rag.reference), the training logs, and a
+MANIFEST.json with the command, the commit, the hardware, each stage's time and peak memory, and every
+file's SHA-256; the folder is built beside the target and swapped in, so a crash leaves the old one whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STAGES = {
+    "reader": ["experiment=miniwiki_reference_reader"],
+    "rag": ["experiment=miniwiki_reference_rag", "init_from={reader}"],
+    "closed_book_reader": [
+        "experiment=miniwiki_reference_reader",
+        "model.retriever_mode=none",
+        "name=miniwiki_reference_closed_book_reader",
+    ],
+    "closed_book": [
+        "experiment=miniwiki_reference_rag",
+        "model.retriever_mode=none",
+        "name=miniwiki_reference_closed_book",
+        "init_from={closed_book_reader}",
+    ],
+}
+
+
+def log(message: str) -> None:
+    print(f"[train_reference] {message}", file=sys.stderr, flush=True)
+
+
+def stage_dir(out: Path, stage: str) -> Path:
+    return out / stage
+
+
+def last_ckpt(out: Path, stage: str) -> Path:
+    return stage_dir(out, stage) / "checkpoints" / "last.ckpt"
+
+
+def run_stage(out: Path, stage: str, extra: list[str]) -> None:
+    folder = stage_dir(out, stage)
+    if (folder / "metrics.json").is_file():
+        log(f"{stage}: finished earlier ({folder / 'metrics.json'}), skipped")
+        return
+    overrides = [o.format(**{s: last_ckpt(out, s) for s in STAGES}) for o in STAGES[stage]]
+    for o in overrides:
+        if o.startswith("init_from=") and not Path(o.split("=", 1)[1]).is_file():
+            raise SystemExit(
+                f"stage {stage} starts from {o.split('=', 1)[1]}, which does not exist: run its stage first"
+            )
+    resume = last_ckpt(out, stage)
+    if resume.is_file():
+        overrides.append(f"ckpt_path={resume}")
+        log(f"{stage}: resuming from {resume}")
+    cmd = [sys.executable, "-m", "rag.cli.train", *overrides, "test=false", f"hydra.run.dir={folder}", *extra]
+    log(f"{stage}: {' '.join(cmd[2:])}")
+    started = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    log(f"{stage}: done in {time.time() - started:.0f} s")
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "rag", "conf", "scripts"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return commit + ("+uncommitted" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def hardware() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+    }
+
+
+def export(out: Path, target: Path, command: str) -> dict:
+    from rag.cli.train import load_checkpoint
+    from rag.generation.generator import save_delta
+    from rag.reference import save_encoder_delta, write_manifest
+    from rag.retrieval.encoders import load_query_encoder
+
+    for stage in ("rag", "closed_book"):
+        if not (stage_dir(out, stage) / "metrics.json").is_file():
+            raise SystemExit(f"stage {stage} has not finished (no {stage_dir(out, stage) / 'metrics.json'})")
+    tmp = target.parent / f".{target.name}.export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    stages = {}
+    for kind in ("rag", "closed_book"):
+        module, cfg = load_checkpoint(last_ckpt(out, kind))
+        gen = save_delta(module.model.generator, tmp / kind / "generator")
+        log(f"{kind}: generator delta {gen['n_params'] / 1e6:.2f}M parameters")
+        if module.model.query_encoder is not None:
+            base = load_query_encoder(cfg.query_encoder.model_name_or_path)
+            enc = save_encoder_delta(module.model.query_encoder, base, tmp / kind / "query_encoder")
+            log(f"{kind}: query encoder delta {enc['n_params'] / 1e6:.2f}M parameters")
+    for stage in STAGES:
+        folder = stage_dir(out, stage)
+        metrics_file = folder / "metrics.json"
+        if not metrics_file.is_file():
+            continue
+        (tmp / "logs" / stage).mkdir(parents=True, exist_ok=True)
+        shutil.copy(metrics_file, tmp / "logs" / stage / "metrics.json")
+        csvs = sorted((folder / "csv").glob("version_*/metrics.csv"))
+        for i, f in enumerate(csvs):
+            shutil.copy(f, tmp / "logs" / stage / f"metrics-{i}.csv")
+        config = folder / ".hydra" / "config.yaml"
+        if config.is_file():
+            shutil.copy(config, tmp / "logs" / stage / "config.yaml")
+        summary = json.loads(metrics_file.read_text())
+        stages[stage] = {
+            "overrides": STAGES[stage],
+            "global_step": summary.get("global_step"),
+            "val": summary.get("val"),
+            "wall_seconds": summary.get("wall_seconds"),
+            "peak_rss_mb": summary.get("peak_rss_mb"),
+        }
+    record = {
+        "command": command,
+        "commit": git_commit(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hardware": hardware(),
+        "stages": stages,
+    }
+    write_manifest(tmp, record)
+    if target.exists():
+        old = target.parent / f".{target.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    manifest = json.loads((target / "MANIFEST.json").read_text())
+    log(f"exported to {target}: {manifest['total_bytes'] / 1e6:.1f} MB")
+    return manifest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "reference", help="stage run folders")
+    parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
+    parser.add_argument("--export-to", type=Path, default=ROOT / "rag" / "reference_weights")
+    parser.add_argument("--no-export", action="store_true", help="train only")
+    parser.add_argument("--export-only", action="store_true", help="skip training, export finished stages")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every stage (after --)")
+    args = parser.parse_args()
+    command = "python scripts/train_reference.py " + " ".join(sys.argv[1:])
+    out = args.out.resolve()
+    if not args.export_only:
+        for stage in args.stages:
+            run_stage(out, stage, args.overrides)
+    if not args.no_export and all(
+        (stage_dir(out, s) / "metrics.json").is_file() for s in ("rag", "closed_book")
+    ):
+        export(out, args.export_to.resolve(), command.strip())
+    elif not args.no_export:
+        log("not exported: stages rag and closed_book must both finish first")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The shipped reference models' storage (rag.reference) and the rag-reference main job's machinery."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rag.reference import (
+    REFERENCE_DIR,
+    ReferenceError,
+    check_reference,
+    load_encoder_delta,
+    save_encoder_delta,
+    write_manifest,
+)
+from rag.retrieval.encoders import load_query_encoder
+
+TINY_BERT = Path(__file__).parent / "fixtures" / "tiny_bert"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_encoder_delta_stores_only_changed_tensors_and_reloads_them(tmp_path):
+    base = load_query_encoder(str(TINY_BERT), pooling="mean", normalize=True)
+    trained = load_query_encoder(str(TINY_BERT), pooling="mean", normalize=True)
+    with torch.no_grad():
+        trained.model.encoder.layer[-1].output.dense.weight.add_(0.01)
+    manifest = save_encoder_delta(trained, base, tmp_path / "q")
+    assert manifest["n_tensors"] == 1 and manifest["dtype"] == "float16"
+    back = load_encoder_delta(tmp_path / "q", base_name_or_path=str(TINY_BERT))
+    assert back.pooling == "mean" and back.normalize
+    for (name, a), b in zip(trained.model.state_dict().items(), back.model.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=name)
+    texts = ["who wrote the iliad?", "when did it rain"]
+    torch.testing.assert_close(trained.encode(texts), back.encode(texts), atol=2e-3, rtol=1e-3)
+
+
+def test_a_corrupt_or_foreign_encoder_delta_is_refused(tmp_path):
+    base = load_query_encoder(str(TINY_BERT))
+    save_encoder_delta(base, base, tmp_path / "q")
+    (tmp_path / "q" / "delta.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ReferenceError, match="SHA-256"):
+        load_encoder_delta(tmp_path / "q", base_name_or_path=str(TINY_BERT))
+    with pytest.raises(ReferenceError, match="not a folder written by save_encoder_delta"):
+        load_encoder_delta(tmp_path, base_name_or_path=str(TINY_BERT))
+
+
+def test_check_reference_names_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(ReferenceError, match="MANIFEST.json is missing"):
+        check_reference(tmp_path)
+    (tmp_path / "rag").mkdir()
+    (tmp_path / "rag" / "w.bin").write_bytes(b"weights")
+    record = write_manifest(tmp_path, {"commit": "abc"})
+    assert record["files"] == {"rag/w.bin": record["files"]["rag/w.bin"]} and record["total_bytes"] == 7
+    assert check_reference(tmp_path)["commit"] == "abc"
+    (tmp_path / "rag" / "w.bin").write_bytes(b"weightz")
+    with pytest.raises(ReferenceError, match="corrupt"):
+        check_reference(tmp_path)
+    (tmp_path / "rag" / "w.bin").unlink()
+    with pytest.raises(ReferenceError, match="missing"):
+        check_reference(tmp_path)
+
+
+@pytest.mark.skipif(not (REFERENCE_DIR / "MANIFEST.json").is_file(), reason="no reference model shipped yet")
+def test_the_shipped_reference_is_whole_small_and_documented():
+    manifest = check_reference()
+    assert manifest["total_bytes"] <= 50 * 1024 * 1024
+    assert manifest["command"].startswith("python scripts/train_reference.py")
+    assert len(manifest["commit"]) >= 40 and manifest["hardware"]["cpu_count"]
+    for stage in ("reader", "rag", "closed_book_reader", "closed_book"):
+        assert manifest["stages"][stage]["global_step"] > 0
+    assert any(name.startswith("logs/rag/metrics") and name.endswith(".csv") for name in manifest["files"])
+
+
+def test_rag_reference_runs_systems_and_prints_a_table_with_examples(tmp_path, capsys):
+    """The main job's machinery on tiny random models (the smoke experiment) and two questions per set."""
+    from rag.cli import reference as cli
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    write_manifest(ref, {"commit": "0" * 40, "command": "python scripts/train_reference.py"})
+    common = [f"runs_dir={tmp_path / 'runs'}", "threads=1"]
+    systems = {
+        "rag_token": {"experiment": "smoke", "decoder": "token_greedy", "overrides": common},
+        "rag_sequence": {"experiment": "smoke", "decoder": "sequence_fast", "overrides": common},
+        "closed_book": {
+            "experiment": "smoke",
+            "decoder": "token_greedy",
+            "overrides": [*common, "model.retriever_mode=none"],
+        },
+    }
+    argv = [
+        "rag-reference",
+        f"reference_dir={ref}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "limit=2",
+        "n_docs=3",
+        "examples=2",
+        "threads=1",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        "~systems",
+        f"+systems={json.dumps(systems)}",
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", argv)
+        cli.main()
+    out = capsys.readouterr().out
+    assert "| rag_token | token_greedy |" in out and "| closed_book |" in out
+    assert "p(z|x)=" in out and "Q: " in out
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["system"] for r in report["rows"]] == ["rag_token", "rag_sequence", "closed_book"]
+    assert report["rows"][0]["metrics"]["n"] == 4  # 2 SQuAD-open + 2 NQ-gold test questions
+    assert report["rows"][2]["n_docs"] is None
+    preds = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "predictions-rag_token.jsonl").read_text().splitlines()
+    ]
+    assert len(preds) == 4 and all(len(p["passages"]) == 3 for p in preds)
+    assert (tmp_path / "out" / "results.md").read_text().count("|") > 10
