@@ -225,6 +225,11 @@ class RagLitModule(pl.LightningModule):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
+    def on_train_start(self) -> None:
+        # models come out of their loaders in eval mode and Lightning keeps a module's mode as it finds it:
+        # training needs dropout on (RagModel.train keeps a frozen query encoder in eval mode)
+        self.model.train()
+
     def training_step(self, batch: QABatch, batch_idx: int) -> torch.Tensor:
         out = self.model(batch.questions, batch.targets)
         # the mean over ranks: with equal per-rank batches, the loss of the global batch (as one process logs it)

@@ -12,7 +12,8 @@ Four rag-train runs, each in its own fixed folder under --out (default outputs/r
    question alone), so that the closed-book baseline is trained the same way on the same questions.
 
 Resumable: a finished stage (its metrics.json exists) is skipped; an unfinished one continues from its
-``checkpoints/last.ckpt`` (written every 100 steps), so killing this script loses minutes. Extra Hydra
+``checkpoints/last.ckpt`` (written every 100 steps) or ``interrupted.ckpt`` (Ctrl-C), whichever is newer,
+so stopping this script loses minutes at most. Extra Hydra
 overrides for every stage go after ``--`` (e.g. ``-- trainer.max_steps=50`` for a quick try).
 
 The export writes float16 deltas against the installed MiniLM (rag.reference), the training logs, and a
@@ -75,8 +76,10 @@ def run_stage(out: Path, stage: str, extra: list[str]) -> None:
             raise SystemExit(
                 f"stage {stage} starts from {o.split('=', 1)[1]}, which does not exist: run its stage first"
             )
-    resume = last_ckpt(out, stage)
-    if resume.is_file():
+    candidates = [folder / "checkpoints" / name for name in ("last.ckpt", "interrupted.ckpt")]
+    existing = [c for c in candidates if c.is_file()]
+    resume = max(existing, key=lambda c: c.stat().st_mtime) if existing else None
+    if resume is not None:
         overrides.append(f"ckpt_path={resume}")
         log(f"{stage}: resuming from {resume}")
     cmd = [sys.executable, "-m", "rag.cli.train", *overrides, "test=false", f"hydra.run.dir={folder}", *extra]

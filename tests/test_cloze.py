@@ -99,3 +99,17 @@ def test_miniwiki_cloze_never_uses_a_dev_or_test_article():
         assert pid not in held and pid.split("#")[0] not in held_articles
     with pytest.raises(ClozeError, match="not a mini-wiki split"):
         miniwiki_cloze(held_out_splits=("testing",))
+
+
+def test_phrase_blanks_are_runs_of_4_to_12_words_and_kinds_alternate():
+    qs = cloze_questions(PASSAGES, per_passage=2, kinds=["span", "phrase"], seed=1)
+    by_id = {p.id: p for p in PASSAGES}
+    phrases = [q for q in qs if q.id.endswith(":1")]
+    spans = [q for q in qs if q.id.endswith(":0")]
+    assert phrases and spans
+    for q in phrases:
+        assert 4 <= len(q.answers[0].split()) <= 12
+        assert q.answers[0] in by_id[q.gold_passage_ids[0]].text
+    assert all(len(q.answers[0].split()) <= 5 for q in spans)
+    with pytest.raises(ClozeError, match="kinds"):
+        cloze_questions(PASSAGES, kinds=["sentence"])

@@ -20,7 +20,7 @@ from rag.cli.train import run as train_run
 from rag.data.datamodule import RagDataModule
 from rag.lit_module import RagLitModule
 from rag.model import RagModel
-from rag.retrieval.retriever import BM25Retriever, DenseRetriever
+from rag.retrieval.retriever import BM25Retriever, DenseRetriever, GoldRetriever
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 NQ_FIXTURE = Path(__file__).parent / "fixtures" / "data" / "NQ-open.dev.jsonl"
@@ -76,6 +76,7 @@ def test_every_experiment_composes_and_instantiates_with_tiny_parts(experiment, 
     assert isinstance(data, RagDataModule) and len(data.sets["train"]) > 0
     model = build_model(cfg)
     assert isinstance(model, RagModel)
+    passages = instantiate(cfg.corpus.passages)
     module = instantiate(cfg.module, _partial_=True)(
         model=model, run_config=OmegaConf.to_container(cfg, resolve=True)
     )
@@ -84,9 +85,11 @@ def test_every_experiment_composes_and_instantiates_with_tiny_parts(experiment, 
     assert isinstance(trainer, pl.Trainer) and trainer.max_steps == cfg.trainer.max_steps
 
     expected_head = "sequence" if "sequence" in experiment else "token"
-    expected_mode = "none" if "closed_book" in experiment else "learned"
+    expected_mode = "none" if "closed_book" in experiment else "gold" if "reader" in experiment else "learned"
     assert (model.head, model.retriever_mode) == (expected_head, expected_mode)
-    if expected_mode == "learned":
+    if expected_mode == "gold":
+        assert isinstance(model.retriever, GoldRetriever) and model.n_docs == 1
+    elif expected_mode == "learned":
         assert isinstance(model.retriever, DenseRetriever) and model.retriever.n_passages == 64
         assert model.n_docs == cfg.n_docs
     else:
@@ -94,6 +97,9 @@ def test_every_experiment_composes_and_instantiates_with_tiny_parts(experiment, 
     # one generation and one loss through the instantiated model
     model.eval()
     question = data.questions("val")[:1]
+    if expected_mode == "gold":  # a question whose gold passage is in the 64-passage slice
+        ids = {p.id for p in passages}
+        question = [q for q in data.questions("train") if set(q.gold_passage_ids) <= ids][:1]
     assert model(question, [question[0].answers[0]]).loss.isfinite()
     assert isinstance(model.generate(question, max_new_tokens=2)[0].answer, str)
 

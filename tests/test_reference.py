@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,19 @@ from rag.reference import (
 )
 from rag.retrieval.encoders import load_query_encoder
 
-TINY_BERT = Path(__file__).parent / "fixtures" / "tiny_bert"
+TINY_BERT_CONFIG = Path(__file__).parent / "fixtures" / "tiny_bert"
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> str:
+    """The fixture's 2-layer BERT config and tokenizer with seeded random weights, saved as a checkpoint."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    BertModel(BertConfig.from_pretrained(TINY_BERT_CONFIG), add_pooling_layer=False).save_pretrained(path)
+    AutoTokenizer.from_pretrained(TINY_BERT_CONFIG).save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,14 +41,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_encoder_delta_stores_only_changed_tensors_and_reloads_them(tmp_path):
-    base = load_query_encoder(str(TINY_BERT), pooling="mean", normalize=True)
-    trained = load_query_encoder(str(TINY_BERT), pooling="mean", normalize=True)
+def test_encoder_delta_stores_only_changed_tensors_and_reloads_them(tmp_path, tiny_bert):
+    base = load_query_encoder(tiny_bert, pooling="mean", normalize=True)
+    trained = load_query_encoder(tiny_bert, pooling="mean", normalize=True)
     with torch.no_grad():
         trained.model.encoder.layer[-1].output.dense.weight.add_(0.01)
     manifest = save_encoder_delta(trained, base, tmp_path / "q")
     assert manifest["n_tensors"] == 1 and manifest["dtype"] == "float16"
-    back = load_encoder_delta(tmp_path / "q", base_name_or_path=str(TINY_BERT))
+    back = load_encoder_delta(tmp_path / "q", base_name_or_path=tiny_bert)
     assert back.pooling == "mean" and back.normalize
     for (name, a), b in zip(trained.model.state_dict().items(), back.model.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=name)
@@ -45,14 +56,14 @@ def test_encoder_delta_stores_only_changed_tensors_and_reloads_them(tmp_path):
     torch.testing.assert_close(trained.encode(texts), back.encode(texts), atol=2e-3, rtol=1e-3)
 
 
-def test_a_corrupt_or_foreign_encoder_delta_is_refused(tmp_path):
-    base = load_query_encoder(str(TINY_BERT))
+def test_a_corrupt_or_foreign_encoder_delta_is_refused(tmp_path, tiny_bert):
+    base = load_query_encoder(tiny_bert)
     save_encoder_delta(base, base, tmp_path / "q")
     (tmp_path / "q" / "delta.safetensors").write_bytes(b"garbage")
     with pytest.raises(ReferenceError, match="SHA-256"):
-        load_encoder_delta(tmp_path / "q", base_name_or_path=str(TINY_BERT))
+        load_encoder_delta(tmp_path / "q", base_name_or_path=tiny_bert)
     with pytest.raises(ReferenceError, match="not a folder written by save_encoder_delta"):
-        load_encoder_delta(tmp_path, base_name_or_path=str(TINY_BERT))
+        load_encoder_delta(tmp_path, base_name_or_path=tiny_bert)
 
 
 def test_check_reference_names_missing_and_corrupt_files(tmp_path):
@@ -99,21 +110,23 @@ def test_rag_reference_runs_systems_and_prints_a_table_with_examples(tmp_path, c
             "overrides": [*common, "model.retriever_mode=none"],
         },
     }
-    argv = [
-        "rag-reference",
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rag.cli import CONF_DIR
+
+    overrides = [
         f"reference_dir={ref}",
         f"cache_dir={tmp_path / 'cache'}",
         "limit=2",
         "n_docs=3",
         "examples=2",
-        "threads=1",
-        f"hydra.run.dir={tmp_path / 'out'}",
-        "~systems",
-        f"+systems={json.dumps(systems)}",
     ]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "argv", argv)
-        cli.main()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="reference", overrides=[*overrides, "threads=1"])
+    cfg.systems = OmegaConf.create(systems)
+    cfg.output_dir = str(tmp_path / "out")
+    cli.run(cfg)
     out = capsys.readouterr().out
     assert "| rag_token | token_greedy |" in out and "| closed_book |" in out
     assert "p(z|x)=" in out and "Q: " in out

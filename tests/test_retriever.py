@@ -216,3 +216,26 @@ def test_embedding_and_retrieval_on_cuda(tiny_dir, built, tmp_path):
     assert out.doc_scores.is_cuda and out.retrieved_doc_embeds.is_cuda and out.doc_ids.is_cuda
     np.testing.assert_array_equal(out.doc_ids.cpu().numpy(), ref.doc_ids.numpy())
     np.testing.assert_allclose(out.doc_scores.cpu().numpy(), ref.doc_scores.numpy(), atol=1e-4)
+
+
+def test_gold_retriever_returns_gold_passages_and_crops_a_window_around_the_answer():
+    from rag.retrieval.retriever import GoldRetriever
+    from rag.types import Passage, Question
+
+    words = [f"w{i}" for i in range(100)]
+    words[70:72] = ["Rollo", "Ragnvaldsson"]
+    passages = [Passage("a", "A", " ".join(words)), Passage("b", "B", "short text here")]
+    q = Question("q", "who led them?", ("Rollo Ragnvaldsson",), gold_passage_ids=("a",))
+    q2 = Question("q2", "what?", ("nowhere",), gold_passage_ids=("b", "a"))
+    whole = GoldRetriever(passages).retrieve([q, q2], 2)
+    assert [[p.id for p in row] for row in whole.passages] == [["a", "a"], ["b", "a"]]
+    assert whole.doc_ids.tolist() == [[0, 0], [1, 0]] and whole.doc_scores.abs().sum() == 0
+    cropped = GoldRetriever(passages, window_words=10).retrieve([q, q2], 1)
+    text = cropped.passages[0][0].text
+    assert len(text.split()) == 10 and "Rollo Ragnvaldsson" in text and text in passages[0].text
+    assert cropped.passages[1][0].text == "short text here"  # shorter than the window: whole
+    # the offset is a function of the question id: the same every time
+    assert GoldRetriever(passages, window_words=10).retrieve([q], 1).passages[0][0].text == text
+    # no answer in the passage: its first words
+    q3 = Question("q3", "what?", ("absent",), gold_passage_ids=("a",))
+    assert GoldRetriever(passages, window_words=5).retrieve([q3], 1).passages[0][0].text == "w0 w1 w2 w3 w4"

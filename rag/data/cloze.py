@@ -22,7 +22,9 @@ from collections.abc import Iterable, Sequence
 from rag.data.errors import DataError
 from rag.types import Passage, Question
 
-__all__ = ["ClozeError", "cloze_questions", "miniwiki_cloze"]
+__all__ = ["CLOZE_KINDS", "ClozeError", "cloze_questions", "miniwiki_cloze"]
+
+CLOZE_KINDS = ("span", "phrase")
 
 # a span to blank out: a number (with an optional unit), or a run of capitalised words that may be joined
 # by of / the / de / and (e.g. "University of Notre Dame")
@@ -71,10 +73,15 @@ def cloze_questions(
     min_sentence_words: int = 6,
     max_sentence_words: int = 40,
     max_answer_words: int = 5,
+    kinds: Sequence[str] = ("span",),
     seed: int = 0,
     limit: int | None = None,
 ) -> list[Question]:
     """Up to ``per_passage`` cloze questions from each passage (each from a different sentence).
+
+    Two kinds of blank, taken in turn (``kinds``): ``span``, a name or a number (an answer as SQuAD and NQ
+    have them); ``phrase``, a run of 4 to 12 consecutive words, which gives the decoder many tokens to copy
+    per passage read (the copying itself is what a BERT-initialised decoder lacks).
 
     Args:
         passages: the corpus.
@@ -87,6 +94,9 @@ def cloze_questions(
         seed: the draw of sentences and spans (per passage: the result does not depend on passage order).
         limit: keep the first ``limit`` questions (None: all).
     """
+    unknown = [k for k in kinds if k not in CLOZE_KINDS]
+    if not kinds or unknown:
+        raise ClozeError(f"kinds must be a non-empty list of {CLOZE_KINDS}, got {list(kinds)}")
     if per_passage < 1:
         raise ClozeError(f"per_passage must be at least 1, got {per_passage}")
     if not 1 <= min_sentence_words <= max_sentence_words:
@@ -105,12 +115,24 @@ def cloze_questions(
         rng.shuffle(sentences)
         made = 0
         for sentence in sentences:
-            candidates = _candidates(sentence, max_answer_words)
-            if not candidates:
+            kind = kinds[made % len(kinds)]
+            if kind == "span":
+                candidates = _candidates(sentence, max_answer_words)
+                if not candidates:
+                    continue
+                m = rng.choice(candidates)
+                start, end = m.start(), m.end()
+            else:
+                words = list(re.finditer(r"\S+", sentence))
+                if len(words) < 7:
+                    continue
+                n = rng.randint(4, min(12, len(words) - 3))
+                first = rng.randint(2, len(words) - n)
+                start, end = words[first].start(), words[first + n - 1].end()
+            answer = sentence[start:end].strip(" ,.;:")
+            if not answer:
                 continue
-            m = rng.choice(candidates)
-            answer = m.group().strip(" ,.")
-            question = f"{sentence[: m.start()]}{wh_word}{sentence[m.end() :]}".strip()
+            question = f"{sentence[:start]}{wh_word}{sentence[end:]}".strip()
             out.append(
                 Question(
                     id=f"cloze:{p.id}:{made}",
@@ -134,6 +156,7 @@ def cloze_questions(
 def miniwiki_cloze(
     held_out_splits: Sequence[str] = ("dev", "test"),
     per_passage: int = 1,
+    kinds: Sequence[str] = ("span",),
     seed: int = 0,
     limit: int | None = None,
 ) -> list[Question]:
@@ -146,5 +169,5 @@ def miniwiki_cloze(
             raise ClozeError(f"held_out_splits: {split!r} is not a mini-wiki split {miniwiki.SPLITS}")
     held = [miniwiki.load_questions(d, s) for d in miniwiki.DATASETS for s in held_out_splits]
     return cloze_questions(
-        miniwiki.load_corpus(), held_out=held, per_passage=per_passage, seed=seed, limit=limit
+        miniwiki.load_corpus(), held_out=held, per_passage=per_passage, kinds=kinds, seed=seed, limit=limit
     )
