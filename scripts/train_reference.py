@@ -14,7 +14,12 @@ Four rag-train runs, each in its own fixed folder under --out (default outputs/r
 Resumable: a finished stage (its metrics.json exists) is skipped; an unfinished one continues from its
 ``checkpoints/last.ckpt`` (written every 100 steps) or ``interrupted.ckpt`` (Ctrl-C), whichever is newer,
 so stopping this script loses minutes at most. Extra Hydra
-overrides for every stage go after ``--`` (e.g. ``-- trainer.max_steps=50`` for a quick try).
+overrides for every stage go after ``--`` (e.g. ``-- trainer.max_steps=50`` for a quick try). A finished stage
+asked for more steps than it ran continues from its last checkpoint (the reader uses a constant learning
+rate after warm-up, so a continued run is the run it would have been):
+
+    python scripts/train_reference.py --stages reader --no-export -- trainer.max_steps=6000
+    python scripts/train_reference.py --restart rag closed_book_reader closed_book -- ...
 
 The export writes float16 deltas against the installed MiniLM (rag.reference), the training logs, and a
 MANIFEST.json with the command, the commit, the hardware, each stage's time and peak memory, and every
@@ -53,6 +58,10 @@ STAGES = {
 }
 
 
+#: --continue-from: the reference-model folder each reader stage starts from
+CONTINUE = {"reader": "rag", "closed_book_reader": "closed_book"}
+
+
 def log(message: str) -> None:
     print(f"[train_reference] {message}", file=sys.stderr, flush=True)
 
@@ -65,12 +74,27 @@ def last_ckpt(out: Path, stage: str) -> Path:
     return stage_dir(out, stage) / "checkpoints" / "last.ckpt"
 
 
-def run_stage(out: Path, stage: str, extra: list[str]) -> None:
+def requested_steps(extra: list[str]) -> int | None:
+    steps = [o.split("=", 1)[1] for o in extra if o.lstrip("+").startswith("trainer.max_steps=")]
+    return int(steps[-1]) if steps else None
+
+
+def run_stage(out: Path, stage: str, extra: list[str], continue_from: Path | None = None) -> None:
     folder = stage_dir(out, stage)
-    if (folder / "metrics.json").is_file():
-        log(f"{stage}: finished earlier ({folder / 'metrics.json'}), skipped")
-        return
+    done = folder / "metrics.json"
+    if done.is_file():
+        finished_at = json.loads(done.read_text()).get("global_step", 0)
+        wanted = requested_steps(extra)
+        if wanted is None or wanted <= finished_at:
+            log(f"{stage}: finished earlier at step {finished_at} ({done}), skipped")
+            return
+        # a longer run asked of a finished stage: continue it from its last checkpoint
+        log(f"{stage}: finished at step {finished_at}; continuing to trainer.max_steps={wanted}")
+        done.unlink()
     overrides = [o.format(**{s: last_ckpt(out, s) for s in STAGES}) for o in STAGES[stage]]
+    if continue_from is not None and stage in CONTINUE:
+        # a new session goes on from the shipped reference: the readers start from its weights
+        overrides.append(f"init_from={continue_from / CONTINUE[stage]}")
     for o in overrides:
         if o.startswith("init_from=") and not Path(o.split("=", 1)[1]).is_file():
             raise SystemExit(
@@ -127,7 +151,7 @@ def hardware() -> dict:
     }
 
 
-def export(out: Path, target: Path, command: str) -> dict:
+def export(out: Path, target: Path, command: str, continue_from: Path | None = None) -> dict:
     from rag.cli.train import load_checkpoint
     from rag.generation.generator import save_delta
     from rag.reference import save_encoder_delta, write_manifest
@@ -176,6 +200,11 @@ def export(out: Path, target: Path, command: str) -> dict:
         "hardware": hardware(),
         "stages": stages,
     }
+    if continue_from is not None:
+        # the earlier reference this one continued from, with its own history
+        record["continued_from"] = {
+            k: v for k, v in json.loads((continue_from / "MANIFEST.json").read_text()).items() if k != "files"
+        }
     write_manifest(tmp, record)
     if target.exists():
         old = target.parent / f".{target.name}.old"
@@ -197,19 +226,37 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "reference", help="stage run folders")
     parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
     parser.add_argument("--export-to", type=Path, default=ROOT / "rag" / "reference_weights")
+    parser.add_argument(
+        "--restart",
+        nargs="+",
+        choices=list(STAGES),
+        default=[],
+        help="delete these stages' folders first (e.g. rag after continuing the reader it starts from)",
+    )
+    parser.add_argument(
+        "--continue-from",
+        type=Path,
+        default=None,
+        help="a reference folder (e.g. rag/reference_weights) the reader stages start from: train further "
+        "in a new session (copy it aside first if it is also the export target)",
+    )
     parser.add_argument("--no-export", action="store_true", help="train only")
     parser.add_argument("--export-only", action="store_true", help="skip training, export finished stages")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every stage (after --)")
     args = parser.parse_args()
     command = "python scripts/train_reference.py " + " ".join(sys.argv[1:])
     out = args.out.resolve()
+    for stage in args.restart:
+        if stage_dir(out, stage).exists():
+            log(f"{stage}: --restart, removing {stage_dir(out, stage)}")
+            shutil.rmtree(stage_dir(out, stage))
     if not args.export_only:
         for stage in args.stages:
-            run_stage(out, stage, args.overrides)
+            run_stage(out, stage, args.overrides, args.continue_from)
     if not args.no_export and all(
         (stage_dir(out, s) / "metrics.json").is_file() for s in ("rag", "closed_book")
     ):
-        export(out, args.export_to.resolve(), command.strip())
+        export(out, args.export_to.resolve(), command.strip(), args.continue_from)
     elif not args.no_export:
         log("not exported: stages rag and closed_book must both finish first")
 

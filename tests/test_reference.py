@@ -140,3 +140,24 @@ def test_rag_reference_runs_systems_and_prints_a_table_with_examples(tmp_path, c
     ]
     assert len(preds) == 4 and all(len(p["passages"]) == 3 for p in preds)
     assert (tmp_path / "out" / "results.md").read_text().count("|") > 10
+
+
+def test_init_from_a_reference_folder_loads_its_generator_and_query_encoder(tmp_path, tiny_bert):
+    from rag.cli.train import ConfigError, init_weights
+    from rag.generation.generator import bart_from_bert, save_delta
+    from rag.lit_module import RagLitModule
+    from rag.model import RagModel
+
+    trained = bart_from_bert(tiny_bert, seed=3)
+    with torch.no_grad():
+        trained.model.model.decoder.layers[0].fc1.weight.mul_(1.5)
+    save_delta(trained, tmp_path / "ref" / "generator", bert_name_or_path=tiny_bert)
+    fresh = RagLitModule(RagModel(bart_from_bert(tiny_bert), retriever_mode="none"))
+    # the delta records its base (here the tiny BERT's folder) and is rebuilt over it
+    report = init_weights(fresh, tmp_path / "ref")
+    assert not report["kept"]
+    for (name, a), b in zip(trained.state_dict().items(), fresh.model.generator.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-3, msg=name)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="without generator/"):
+        init_weights(fresh, tmp_path / "empty")

@@ -149,3 +149,38 @@ def test_evaluate_reproduces_the_test_metrics_and_writes_passages_with_posterior
     assert (report["n_docs"], report["decoder"], report["generation"]["num_beams"]) == (5, "sequence_fast", 2)
     records = jsonl(first_run / "eval5" / "predictions.jsonl")
     assert len(records) == 2 and all(len(r["passages"]) == 5 for r in records)
+
+
+def test_init_from_copies_the_weights_it_shares_and_refuses_what_does_not_fit(first_run, tmp_path):
+    from rag.lit_module import RagLitModule
+
+    ckpt = first_run / "runs" / "first" / "checkpoints" / "last.ckpt"
+    trained, _ = train_cli.load_checkpoint(ckpt)
+    cfg = compose_config("train", smoke_overrides(first_run))
+    fresh = RagLitModule(train_cli.build_model(cfg))
+    assert not all(torch.equal(v, fresh.state_dict()[k]) for k, v in trained.state_dict().items())
+    report = train_cli.init_weights(fresh, ckpt)
+    assert not report["kept"]
+    for key, value in trained.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
+    # a closed-book model shares the generator only: the rest of the checkpoint is ignored
+    closed = RagLitModule(
+        train_cli.build_model(
+            compose_config("train", [*smoke_overrides(first_run), "model.retriever_mode=none"])
+        )
+    )
+    train_cli.init_weights(closed, ckpt)
+    assert torch.equal(
+        closed.model.generator.model.lm_head.weight, trained.model.generator.model.lm_head.weight
+    )
+    # another architecture: named, not loaded half-way
+    wider = RagLitModule(
+        train_cli.build_model(compose_config("train", [*smoke_overrides(first_run), "generator.d_model=32"]))
+    )
+    with pytest.raises(train_cli.ConfigError, match="same generator / query encoder architecture"):
+        train_cli.init_weights(wider, ckpt)
+    with pytest.raises(train_cli.ConfigError, match="is not a file"):
+        train_cli.init_weights(fresh, tmp_path / "nope.ckpt")
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(train_cli.ConfigError, match="could not be read"):
+        train_cli.init_weights(fresh, tmp_path / "bad.ckpt")

@@ -282,16 +282,23 @@ def run(cfg: DictConfig) -> dict:
 
 
 def init_weights(module, path: str | os.PathLike) -> dict[str, list[str]]:
-    """Start ``module``'s weights from another run's checkpoint (``.ckpt`` written by rag-train): every
-    tensor both have is copied; what the checkpoint lacks (e.g. a query encoder after a gold-passage reader
-    warm-up) keeps its initial value. The optimiser and schedule start fresh (unlike ``ckpt_path``)."""
+    """Start ``module``'s weights from another run: a ``.ckpt`` written by rag-train, or a reference-model
+    folder (``rag/reference_weights/rag`` or ``.../closed_book``: float16 deltas over MiniLM, see
+    :mod:`rag.reference`). Every tensor both have is copied; what the source lacks (e.g. a query encoder after
+    a gold-passage reader warm-up) keeps its initial value. The optimiser and schedule start fresh (unlike
+    ``ckpt_path``)."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"init_from={path} is not a file: give a .ckpt written by rag-train")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and why
-        raise ConfigError(f"init_from={path} could not be read as a rag-train checkpoint ({e})") from None
+    if path.is_dir():
+        state = _reference_state(path)
+    elif not path.is_file():
+        raise ConfigError(
+            f"init_from={path} is not a file: give a .ckpt written by rag-train or a reference-model folder"
+        )
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and why
+            raise ConfigError(f"init_from={path} could not be read as a rag-train checkpoint ({e})") from None
     own = module.state_dict()
     loaded, kept = [], []
     for name, tensor in own.items():
@@ -315,6 +322,23 @@ def init_weights(module, path: str | os.PathLike) -> dict[str, list[str]]:
         + (f"; kept the initial values of {len(kept)} ({', '.join(kept_parts)})" if kept else "")
     )
     return {"loaded": loaded, "kept": kept}
+
+
+def _reference_state(folder: Path) -> dict:
+    """The state dict (RagLitModule names) of a reference-model folder: generator/ and query_encoder/ deltas."""
+    from rag.generation.generator import load_delta
+    from rag.reference import load_encoder_delta
+
+    if not (folder / "generator").is_dir():
+        raise ConfigError(
+            f"init_from={folder} is a folder without generator/: give a reference-model folder such as "
+            "rag/reference_weights/rag, or a .ckpt file"
+        )
+    state = {f"model.generator.{k}": v for k, v in load_delta(folder / "generator").state_dict().items()}
+    if (folder / "query_encoder").is_dir():
+        encoder = load_encoder_delta(folder / "query_encoder")
+        state.update({f"model.query_encoder.{k}": v for k, v in encoder.state_dict().items()})
+    return state
 
 
 def _peak_rss_mb() -> float:
