@@ -119,7 +119,8 @@ def git_commit() -> str:
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "rag", "conf", "scripts"],
+            # code and configs only: the weights being exported are not part of what made them
+            ["git", "status", "--porcelain", "--", "rag", "conf", "scripts", ":!rag/reference_weights"],
             cwd=ROOT,
             capture_output=True,
             text=True,
