@@ -161,6 +161,7 @@ def export(out: Path, target: Path, command: str, continue_from: Path | None = N
     for stage in ("rag", "closed_book"):
         if not (stage_dir(out, stage) / "metrics.json").is_file():
             raise SystemExit(f"stage {stage} has not finished (no {stage_dir(out, stage) / 'metrics.json'})")
+    commit = git_commit()  # before the export folder exists beside the code
     tmp = target.parent / f".{target.name}.export"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -196,7 +197,7 @@ def export(out: Path, target: Path, command: str, continue_from: Path | None = N
         }
     record = {
         "command": command,
-        "commit": git_commit(),
+        "commit": commit,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "hardware": hardware(),
         "stages": stages,
