@@ -100,33 +100,34 @@ def test_rag_reference_runs_systems_and_prints_a_table_with_examples(tmp_path, c
     ref = tmp_path / "ref"
     ref.mkdir()
     write_manifest(ref, {"commit": "0" * 40, "command": "python scripts/train_reference.py"})
-    common = [f"runs_dir={tmp_path / 'runs'}", "threads=1"]
-    systems = {
-        "rag_token": {"experiment": "smoke", "decoder": "token_greedy", "overrides": common},
-        "rag_sequence": {"experiment": "smoke", "decoder": "sequence_fast", "overrides": common},
-        "closed_book": {
-            "experiment": "smoke",
-            "decoder": "token_greedy",
-            "overrides": [*common, "model.retriever_mode=none"],
-        },
-    }
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    import sys
 
-    from rag.cli import CONF_DIR
+    runs = tmp_path / "runs"
 
-    overrides = [
+    def overrides(*extra):
+        return "[" + ",".join(f"'{o}'" for o in (f"runs_dir={runs}", "threads=1", *extra)) + "]"
+
+    argv = [
+        "rag-reference",
         f"reference_dir={ref}",
         f"cache_dir={tmp_path / 'cache'}",
         "limit=2",
         "n_docs=3",
         "examples=2",
+        "threads=1",
+        f"hydra.run.dir={tmp_path / 'out'}",
+        "systems.rag_token.experiment=smoke",
+        "systems.rag_sequence.experiment=smoke",
+        "systems.rag_sequence.decoder=sequence_fast",
+        "systems.closed_book.experiment=smoke",
+        f"+systems.rag_token.overrides={overrides()}",
+        f"+systems.rag_sequence.overrides={overrides()}",
+        f"+systems.closed_book.overrides={overrides('model.retriever_mode=none')}",
     ]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="reference", overrides=[*overrides, "threads=1"])
-    cfg.systems = OmegaConf.create(systems)
-    cfg.output_dir = str(tmp_path / "out")
-    cli.run(cfg)
+    # through the console-script entry point: the training configs are composed inside the Hydra app
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", argv)
+        cli.main()
     out = capsys.readouterr().out
     assert "| rag_token | token_greedy |" in out and "| closed_book |" in out
     assert "p(z|x)=" in out and "Q: " in out

@@ -41,7 +41,10 @@ def _log(message: str) -> None:
 def compose_train_config(experiment: str, overrides: list[str]) -> DictConfig:
     """The ``rag-train`` config of ``experiment`` with ``overrides`` (as the command line would give them)."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
+    # called from inside the rag-reference Hydra app, whose own config is composed and resolved already
+    GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={experiment}", *overrides])
     # keys that name Hydra's run folder mean nothing outside a Hydra run
@@ -133,9 +136,9 @@ def run(cfg: DictConfig) -> dict:
     rows, by_system = [], {}
     sets: list[str] = []
     for name, system in cfg.systems.items():
-        overrides = [f"cache_dir={cfg.cache_dir}", *system.get("overrides", [])]
+        overrides = [f"cache_dir='{cfg.cache_dir}'", *system.get("overrides", [])]
         if cfg.reference_dir:
-            overrides.append(f"+reference_dir={cfg.reference_dir}")
+            overrides.append(f"+reference_dir='{cfg.reference_dir}'")
         key = system.experiment + " " + " ".join(overrides)
         train_cfg = compose_train_config(system.experiment, overrides)
         if key not in models:
