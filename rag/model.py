@@ -246,16 +246,15 @@ class RagModel(nn.Module):
                 regex = re.compile(pattern)
             except re.error as e:
                 raise RagModelError(f"freeze pattern {pattern!r} is not a regular expression: {e}") from None
-            hits = [name for name, p in self.named_parameters() if regex.search(name)]
+            hits = [p for name, p in self.named_parameters() if regex.search(name)]
             if not hits and pattern.lstrip("^").startswith("query_encoder") and self.query_encoder is None:
                 continue  # one freeze list serves a model with and without a query encoder (closed book)
             if not hits:
                 raise RagModelError(
                     f"freeze pattern {pattern!r} matches no parameter; names look like {names[0]!r}, {names[-1]!r}"
                 )
-            for name, p in self.named_parameters():
-                if regex.search(name):
-                    p.requires_grad_(False)
+            for p in hits:
+                p.requires_grad_(False)
             frozen.append(pattern)
         return frozen
 

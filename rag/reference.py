@@ -16,7 +16,6 @@ Hydra groups ``generator=reference`` / ``query_encoder=reference`` load them int
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from rag.atomic import write_json_atomic
+from rag.generation.generator import _file_sha256 as _sha256
 
 __all__ = [
     "REFERENCE_DIR",
@@ -45,14 +45,6 @@ RETRAIN = "python scripts/train_reference.py (see README, 'The reference model')
 
 class ReferenceError(RuntimeError):
     """The reference weights are missing, corrupt or do not fit the installed base model."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def reference_dir(path: str | os.PathLike | None = None) -> Path:

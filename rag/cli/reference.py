@@ -143,10 +143,9 @@ def run(cfg: DictConfig) -> dict:
         train_cfg = compose_train_config(system.experiment, overrides)
         if key not in models:
             _log(f"{name}: building {system.experiment} ({train_cfg.model.retriever_mode} retrieval)")
-            models[key] = build_model(train_cfg).eval()
-        model = models[key]
-        datamodule = instantiate(train_cfg.data, **{f"limit_{cfg.split}": cfg.limit})
-        rows_of_split = datamodule.sets[cfg.split].rows
+            datamodule = instantiate(train_cfg.data, **{f"limit_{cfg.split}": cfg.limit})
+            models[key] = (build_model(train_cfg).eval(), datamodule.sets[cfg.split].rows)
+        model, rows_of_split = models[key]
         sets = list(dict.fromkeys(d for d, _, _ in rows_of_split))
         questions = [q for _, _, q in rows_of_split]
         datasets = [d for d, _, _ in rows_of_split]

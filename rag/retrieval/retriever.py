@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -328,9 +330,6 @@ class GoldRetriever(Retriever):
 
     def crop(self, passage: Passage, question) -> Passage:
         """``passage`` cut to ``window_words`` words around the question's first answer found in it."""
-        import random
-        import re
-
         words = passage.text.split()
         n = self.window_words
         if n is None or len(words) <= n:
