@@ -4,12 +4,16 @@
     python scripts/train_reference.py --stages reader  # one stage; rerun the command to continue
     python scripts/train_reference.py --export-only    # re-export finished stages
 
-Four rag-train runs, each in its own fixed folder under --out (default outputs/reference):
+Six rag-train runs, each in its own fixed folder under --out (default outputs/reference):
 
-1. ``reader``: experiment=miniwiki_reference_reader -- the gold-passage reader warm-up (QA + cloze questions);
-2. ``rag``: experiment=miniwiki_reference_rag init_from=<reader> -- RAG fine-tuning, K=5, learned retriever;
-3. ``closed_book_reader`` and 4. ``closed_book``: the same two runs with model.retriever_mode=none (the
-   question alone), so that the closed-book baseline is trained the same way on the same questions.
+1. ``reader``: experiment=miniwiki_reference_reader -- the gold-passage reader warm-up (QA + cloze questions)
+   on 64-word windows around the answer;
+2. ``reader_full``: experiment=miniwiki_reference_reader_full init_from=<reader> -- the same on whole passages;
+3. ``rag``: experiment=miniwiki_reference_rag init_from=<reader_full> -- RAG fine-tuning, K=5, learned
+   retriever;
+4.-6. ``closed_book_reader``, ``closed_book_reader_full``, ``closed_book``: the same three runs with
+   model.retriever_mode=none (the question alone), so that the closed-book baseline is trained the same way
+   on the same questions for the same number of steps.
 
 Resumable: a finished stage (its metrics.json exists) is skipped; an unfinished one continues from its
 ``checkpoints/last.ckpt`` (written every 100 steps) or ``interrupted.ckpt`` (Ctrl-C), whichever is newer,
@@ -43,17 +47,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = {
     "reader": ["experiment=miniwiki_reference_reader"],
-    "rag": ["experiment=miniwiki_reference_rag", "init_from={reader}"],
+    "reader_full": ["experiment=miniwiki_reference_reader_full", "init_from={reader}"],
+    "rag": ["experiment=miniwiki_reference_rag", "init_from={reader_full}"],
     "closed_book_reader": [
         "experiment=miniwiki_reference_reader",
         "model.retriever_mode=none",
         "name=miniwiki_reference_closed_book_reader",
     ],
+    "closed_book_reader_full": [
+        "experiment=miniwiki_reference_reader_full",
+        "model.retriever_mode=none",
+        "name=miniwiki_reference_closed_book_reader_full",
+        "init_from={closed_book_reader}",
+    ],
     "closed_book": [
         "experiment=miniwiki_reference_rag",
         "model.retriever_mode=none",
         "name=miniwiki_reference_closed_book",
-        "init_from={closed_book_reader}",
+        "init_from={closed_book_reader_full}",
     ],
 }
 
