@@ -393,6 +393,7 @@ class RagModel(nn.Module):
         *,
         n_docs: int | None = None,
         decoder: str | None = None,
+        retrieval: RetrievalOutput | None = None,
         **generation_kwargs,
     ) -> list[RagAnswer]:
         """Answer B questions with the chosen decoder over K = ``n_docs`` retrieved passages each.
@@ -402,6 +403,9 @@ class RagModel(nn.Module):
                 whatever K the model was trained with (the paper's Figure 3 sweep).
             decoder: ``token_greedy`` | ``token_beam`` | ``sequence_thorough`` | ``sequence_fast``; None: the
                 model's default (``self.decoder``, else the head's own).
+            retrieval: these questions' passages retrieved earlier (``retrieve`` with K >= ``n_docs``, best
+                first): the first ``n_docs`` of each are read and the index is not searched again. One
+                search at the largest K then serves a whole sweep over K, or a swapped index.
             **generation_kwargs: transformers generation settings, over ``self.generation``.
         """
         texts = _question_texts(questions)
@@ -409,7 +413,22 @@ class RagModel(nn.Module):
         if decoder not in DECODERS:
             raise RagModelError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         k = n_docs if n_docs is not None else (self.eval_n_docs or self.n_docs)
-        retrieval = self.retrieve(questions, k)
+        if retrieval is None:
+            retrieval = self.retrieve(questions, k)
+        elif self.closed_book:
+            raise RagModelError("a closed-book model reads no passages: do not pass retrieval=")
+        else:
+            if len(retrieval.passages) != len(texts):
+                raise RagModelError(
+                    f"retrieval holds passages for {len(retrieval.passages)} questions but {len(texts)} "
+                    "questions were given: pass the retrieval of exactly these questions"
+                )
+            if retrieval.n_docs < k:
+                raise RagModelError(
+                    f"retrieval holds {retrieval.n_docs} passages per question but n_docs={k} were asked: "
+                    f"retrieve at least {k} first"
+                )
+            retrieval = retrieval.top(k)
         ctx = self._context_inputs(texts, retrieval)
         device = self.device
         doc_scores = (

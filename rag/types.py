@@ -56,3 +56,21 @@ class RetrievalOutput:
     retrieved_doc_embeds: torch.Tensor | None = None  # (B, K, D)
     question_embeds: torch.Tensor | None = None  # (B, D)
     extras: dict = field(default_factory=dict)
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.doc_ids.shape[1])
+
+    def top(self, k: int) -> RetrievalOutput:
+        """The first (best) ``k`` documents of each question: what a search for K = ``k`` returns, so one
+        search at the largest K serves every smaller K (the Figure 3 sweep)."""
+        if not 1 <= k <= self.n_docs:
+            raise ValueError(f"k must be between 1 and the {self.n_docs} documents retrieved, got {k}")
+        return RetrievalOutput(
+            doc_ids=self.doc_ids[:, :k],
+            doc_scores=self.doc_scores[:, :k],
+            passages=[row[:k] for row in self.passages],
+            retrieved_doc_embeds=None if self.retrieved_doc_embeds is None else self.retrieved_doc_embeds[:, :k],
+            question_embeds=self.question_embeds,
+            extras=dict(self.extras),
+        )

@@ -35,15 +35,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from rag.replication.provenance import ROOT, git_commit, hardware
+from rag.replication.training import is_finished, last_checkpoint, train_run
 
 STAGES = {
     "reader": ["experiment=miniwiki_reference_reader"],
@@ -82,85 +80,21 @@ def stage_dir(out: Path, stage: str) -> Path:
 
 
 def last_ckpt(out: Path, stage: str) -> Path:
-    return stage_dir(out, stage) / "checkpoints" / "last.ckpt"
-
-
-def requested_steps(extra: list[str]) -> int | None:
-    steps = [o.split("=", 1)[1] for o in extra if o.lstrip("+").startswith("trainer.max_steps=")]
-    return int(steps[-1]) if steps else None
+    return last_checkpoint(stage_dir(out, stage))
 
 
 def run_stage(out: Path, stage: str, extra: list[str], continue_from: Path | None = None) -> None:
-    folder = stage_dir(out, stage)
-    done = folder / "metrics.json"
-    if done.is_file():
-        finished_at = json.loads(done.read_text()).get("global_step", 0)
-        wanted = requested_steps(extra)
-        if wanted is None or wanted <= finished_at:
-            log(f"{stage}: finished earlier at step {finished_at} ({done}), skipped")
-            return
-        # a longer run asked of a finished stage: continue it from its last checkpoint
-        log(f"{stage}: finished at step {finished_at}; continuing to trainer.max_steps={wanted}")
-        done.unlink()
     overrides = [o.format(**{s: last_ckpt(out, s) for s in STAGES}) for o in STAGES[stage]]
     if continue_from is not None and stage in CONTINUE:
         # a new session goes on from the shipped reference: the readers start from its weights
         overrides.append(f"init_from={continue_from / CONTINUE[stage]}")
-    for o in overrides:
-        if o.startswith("init_from=") and not Path(o.split("=", 1)[1]).is_file():
-            raise SystemExit(
-                f"stage {stage} starts from {o.split('=', 1)[1]}, which does not exist: run its stage first"
-            )
-    candidates = [folder / "checkpoints" / name for name in ("last.ckpt", "interrupted.ckpt")]
-    existing = [c for c in candidates if c.is_file()]
-    resume = max(existing, key=lambda c: c.stat().st_mtime) if existing else None
-    if resume is not None:
-        overrides.append(f"ckpt_path={resume}")
-        log(f"{stage}: resuming from {resume}")
-    cmd = [sys.executable, "-m", "rag.cli.train", *overrides, "test=false", f"hydra.run.dir={folder}", *extra]
-    log(f"{stage}: {' '.join(cmd[2:])}")
-    started = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    log(f"{stage}: done in {time.time() - started:.0f} s")
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            # code and configs only: the weights being exported are not part of what made them
-            ["git", "status", "--porcelain", "--", "rag", "conf", "scripts", ":!rag/reference_weights"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        return commit + ("+uncommitted" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def hardware() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-    }
+    if not is_finished(stage_dir(out, stage)):
+        for o in overrides:
+            if o.startswith("init_from=") and not Path(o.split("=", 1)[1]).exists():
+                raise SystemExit(
+                    f"stage {stage} starts from {o.split('=', 1)[1]}, which does not exist: run its stage first"
+                )
+    train_run(stage_dir(out, stage), [*overrides, *extra], name=stage, log=log)
 
 
 def export(out: Path, target: Path, command: str, continue_from: Path | None = None) -> dict:

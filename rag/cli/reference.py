@@ -24,11 +24,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from rag.atomic import write_json_atomic, write_text_atomic
-from rag.cli import CONF_DIR
 from rag.cli.index import ConfigError, check_required, set_threads
-from rag.cli.train import build_model, hydra_entry, instantiate
+from rag.cli.train import build_model, hydra_entry
 from rag.data.corpus import write_jsonl
-from rag.lit_module import prediction_record, score_records
+from rag.replication.evaluate import answer_all, compose_train_config, load_split, peak_rss_mb
 
 CONFIG_NAME = "reference"
 SPLITS = ("train", "val", "test")
@@ -36,40 +35,6 @@ SPLITS = ("train", "val", "test")
 
 def _log(message: str) -> None:
     print(f"[rag-reference] {message}", file=sys.stderr, flush=True)
-
-
-def compose_train_config(experiment: str, overrides: list[str]) -> DictConfig:
-    """The ``rag-train`` config of ``experiment`` with ``overrides`` (as the command line would give them)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    # called from inside the rag-reference Hydra app, whose own config is composed and resolved already
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"experiment={experiment}", *overrides])
-    # keys that name Hydra's run folder mean nothing outside a Hydra run
-    cfg.output_dir = "."
-    cfg.runs_dir = "."
-    return cfg
-
-
-def answer_all(
-    model, questions, datasets, indices, *, decoder: str, n_docs: int | None, batch_size: int, desc: str
-):
-    """Prediction records for every question, in batches, with a progress bar."""
-    from tqdm.auto import tqdm
-
-    records = []
-    with tqdm(total=len(questions), desc=desc, unit="q", file=sys.stderr) as bar:
-        for start in range(0, len(questions), batch_size):
-            chunk = slice(start, start + batch_size)
-            answers = model.generate(questions[chunk], decoder=decoder, n_docs=n_docs)
-            records.extend(
-                prediction_record(q, a, d, i)
-                for q, a, d, i in zip(questions[chunk], answers, datasets[chunk], indices[chunk])
-            )
-            bar.update(len(answers))
-    return records
 
 
 def results_table(rows: list[dict], sets: list[str]) -> str:
@@ -143,27 +108,19 @@ def run(cfg: DictConfig) -> dict:
         train_cfg = compose_train_config(system.experiment, overrides)
         if key not in models:
             _log(f"{name}: building {system.experiment} ({train_cfg.model.retriever_mode} retrieval)")
-            datamodule = instantiate(train_cfg.data, **{f"limit_{cfg.split}": cfg.limit})
-            models[key] = (build_model(train_cfg).eval(), datamodule.sets[cfg.split].rows)
-        model, rows_of_split = models[key]
-        sets = list(dict.fromkeys(d for d, _, _ in rows_of_split))
-        questions = [q for _, _, q in rows_of_split]
-        datasets = [d for d, _, _ in rows_of_split]
-        indices = [i for _, i, _ in rows_of_split]
+            models[key] = (build_model(train_cfg).eval(), load_split(train_cfg, cfg.split, cfg.limit))
+        model, split = models[key]
+        sets = split.sets
         n_docs = None if model.closed_book else int(cfg.n_docs)
-        t0 = time.perf_counter()
-        records = answer_all(
+        answered = answer_all(
             model,
-            questions,
-            datasets,
-            indices,
+            split,
             decoder=system.decoder,
             n_docs=n_docs,
             batch_size=int(cfg.batch_size),
             desc=f"{name} ({system.decoder})",
         )
-        seconds = time.perf_counter() - t0
-        metrics = score_records(records, [1, n_docs] if n_docs else [1])
+        records, seconds, metrics = answered.records, answered.seconds, answered.metrics
         write_jsonl(output_dir / f"predictions-{name}.jsonl", records)
         by_system[name] = records
         rows.append(
@@ -193,7 +150,7 @@ def run(cfg: DictConfig) -> dict:
         "rows": rows,
         "reference": {k: manifest.get(k) for k in ("commit", "command", "created")},
         "wall_seconds": time.perf_counter() - started,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
     write_json_atomic(output_dir / "results.json", report)
     write_text_atomic(output_dir / "results.md", header + "\n" + table + "\n```\n" + examples + "```\n")
@@ -201,12 +158,6 @@ def run(cfg: DictConfig) -> dict:
         f"done in {report['wall_seconds']:.0f} s (peak RSS {report['peak_rss_mb']:.0f} MB); results in {output_dir}"
     )
     return report
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:

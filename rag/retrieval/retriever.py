@@ -227,6 +227,54 @@ class DenseRetriever(Retriever):
             question_embeds=question_embeds,
         )
 
+    # -- index hot-swap (paper section 4.5): new retrievers over other passage sets, same query encoder --
+
+    def _fresh_index(self) -> DenseIndex:
+        params = {**self.index.params(), "verbose": False}
+        return type(self.index)(**params)
+
+    def all_doc_vectors(self) -> np.ndarray:
+        """The stored d(z) of every passage, (N, D) float32, in index order."""
+        return self._doc_vectors(np.arange(self.n_passages)[None, :])[0]
+
+    def subset(self, rows: Sequence[int]) -> DenseRetriever:
+        """A retriever over the passages at ``rows`` (corpus order) only: a new index of the same kind built
+        from their stored vectors. The documents' encoder is not run again."""
+        rows = np.asarray(sorted(set(int(r) for r in rows)), dtype=np.int64)
+        if rows.size == 0:
+            raise RetrievalInputError("the subset is empty: keep at least one passage")
+        if rows[0] < 0 or rows[-1] >= self.n_passages:
+            raise RetrievalInputError(f"subset rows must lie in [0, {self.n_passages}), got {rows[0]}..{rows[-1]}")
+        vectors = self._doc_vectors(rows[None, :])[0]  # (M, D)
+        index = self._fresh_index().build(vectors)
+        return DenseRetriever(
+            index,
+            [self.passages[r] for r in rows],
+            self.query_encoder,
+            doc_embeds=vectors,
+            encode_batch_size=self.encode_batch_size,
+        )
+
+    def extended(self, passages: Sequence[Passage], embeds) -> DenseRetriever:
+        """A copy whose index also holds ``passages``, their d(z) ``embeds`` (M, D) appended as new rows with
+        ``DenseIndex.add`` (a growing knowledge base); this retriever is left as it is."""
+        embeds = np.asarray(embeds.detach().cpu() if isinstance(embeds, torch.Tensor) else embeds, np.float32)
+        if embeds.ndim != 2 or embeds.shape[0] != len(passages) or embeds.shape[1] != self.dim:
+            raise RetrievalInputError(
+                f"embeds must be ({len(passages)}, {self.dim}) for {len(passages)} passages, got "
+                f"{tuple(embeds.shape)}: encode the new passages with the index's document encoder"
+            )
+        vectors = self.all_doc_vectors()
+        index = self._fresh_index().build(vectors)
+        index.add(embeds)
+        return DenseRetriever(
+            index,
+            [*self.passages, *passages],
+            self.query_encoder,
+            doc_embeds=np.concatenate([vectors, embeds]),
+            encode_batch_size=self.encode_batch_size,
+        )
+
     def _doc_vectors(self, doc_ids: np.ndarray) -> np.ndarray:
         """Stored vectors of doc_ids (B, K) -> (B, K, D), float32."""
         if self.doc_embeds is None:
