@@ -40,7 +40,12 @@ from torch import nn
 from rag.generation.context import build_context_inputs, build_labels
 from rag.generation.decoding import DECODERS, rag_generate
 from rag.generation.generator import Generator
-from rag.generation.marginalize import rag_sequence_nll, rag_token_nll
+from rag.generation.marginalize import (
+    rag_sequence_doc_posteriors,
+    rag_sequence_nll,
+    rag_token_doc_posteriors,
+    rag_token_nll,
+)
 from rag.retrieval.encoders import BertEncoder, DocumentEncoder, QueryEncoder
 from rag.retrieval.retriever import BM25Retriever, DenseRetriever, GoldRetriever, Retriever
 from rag.types import Passage, Question, RetrievalOutput
@@ -63,6 +68,24 @@ REDUCTIONS: tuple[str, ...] = ("none", "sum", "mean", "token_mean")
 #: the decoder each head uses unless one is named: the paper decodes RAG-Token greedily for QA and
 #: RAG-Sequence with thorough decoding (§2.5, §4.1)
 DEFAULT_DECODER = {"token": "token_greedy", "sequence": "sequence_thorough"}
+
+
+@dataclass
+class Explanation:
+    """Which passage each part of an answer came from (the paper's Figure 2), for one question.
+
+    ``tokens`` are the answer's generator tokens (as scored: BOS and EOS included); ``token_posteriors``
+    (T, K) is RAG-Token's p(z_t | x, y_t, y_<t) per token, ``doc_posteriors`` (K,) RAG-Sequence's p(z | x, y)
+    for the whole answer, ``doc_priors`` (K,) the retriever's p(z | x).
+    """
+
+    question: str
+    answer: str
+    tokens: list[str]
+    passages: list[Passage]
+    doc_priors: torch.Tensor  # (K,)
+    doc_posteriors: torch.Tensor  # (K,)
+    token_posteriors: torch.Tensor  # (T, K)
 
 
 class RagModelError(ValueError):
@@ -468,6 +491,56 @@ class RagModel(nn.Module):
                 )
             )
         return results
+
+    @torch.no_grad()
+    def explain(
+        self,
+        questions: Sequence[Question | str],
+        answers: Sequence[str],
+        *,
+        n_docs: int | None = None,
+        retrieval: RetrievalOutput | None = None,
+    ) -> list[Explanation]:
+        """Document posteriors of given answers (e.g. the model's own): per token (RAG-Token, the paper's
+        Figure 2) and per answer (RAG-Sequence), beside the retriever's priors. One teacher-forced pass."""
+        if self.closed_book:
+            raise RagModelError("a closed-book model reads no passages: there is nothing to explain")
+        texts = _question_texts(questions)
+        if isinstance(answers, str) or len(answers) != len(texts):
+            raise RagModelError("pass one answer string per question")
+        k = n_docs if n_docs is not None else (self.eval_n_docs or self.n_docs)
+        if retrieval is None:
+            retrieval = self.retrieve(questions, k)
+        else:
+            retrieval = retrieval.top(k)
+        ctx = self._context_inputs(texts, retrieval)
+        device = self.device
+        labels = build_labels(list(answers), self.generator, self.max_target_length).to(device)  # (B, T)
+        seq_logits = self.generator(
+            ctx.context_input_ids.to(device), ctx.context_attention_mask.to(device), labels=labels
+        )  # (B, K, T, V)
+        doc_scores = retrieval.doc_scores.to(device).float()  # (B, K)
+        kw = {"pad_token_id": self.generator.pad_token_id, "bos_token_id": self.generator.bos_token_id}
+        per_token = rag_token_doc_posteriors(seq_logits, doc_scores, labels, **kw)  # (B, T, K)
+        per_answer = rag_sequence_doc_posteriors(seq_logits, doc_scores, labels, **kw)  # (B, K)
+        priors = torch.softmax(doc_scores, dim=-1)  # (B, K)
+        out = []
+        pad = self.generator.pad_token_id
+        for b, text in enumerate(texts):
+            keep = labels[b] != pad if pad is not None else torch.ones_like(labels[b], dtype=torch.bool)
+            ids = labels[b][keep].tolist()
+            out.append(
+                Explanation(
+                    question=text,
+                    answer=answers[b],
+                    tokens=self.generator.tokenizer.convert_ids_to_tokens(ids),
+                    passages=list(retrieval.passages[b]),
+                    doc_priors=priors[b].cpu(),
+                    doc_posteriors=per_answer[b].cpu(),
+                    token_posteriors=per_token[b][keep].cpu(),
+                )
+            )
+        return out
 
     def extra_repr(self) -> str:
         retriever = (

@@ -366,3 +366,30 @@ def test_freeze_patterns_stop_training_what_they_match_and_typos_fail(parts):
     # a query-encoder pattern is skipped for a model without one (the closed-book run of the same config)
     closed = make_model(parts, mode="none", freeze=[r"query_encoder\.model\.embeddings\."])
     assert all(p.requires_grad for p in closed.parameters())
+
+
+def test_explain_gives_figure2_token_posteriors_and_the_answer_posterior_by_brute_force(parts):
+    """Per-token p(z_t|x,y_t,y_<t) and per-answer p(z|x,y), each against a direct computation from the
+    generator's per-passage token probabilities."""
+    model = make_model(parts, n_docs=3).eval()
+    questions, targets = parts["questions"][:2], parts["targets"][:2]
+    explained = model.explain(questions, targets, n_docs=3)
+    with torch.no_grad():
+        out = model(questions, targets, n_docs=3)
+    logprobs = torch.log_softmax(out.seq_logits.double(), dim=-1)  # (B, K, T, V)
+    retrieval = model.retrieve(questions, 3)
+    for b, ex in enumerate(explained):
+        assert [p.id for p in ex.passages] == [p.id for p in retrieval.passages[b]]
+        prior = torch.softmax(out.doc_scores[b].double(), 0)  # (K,)
+        np.testing.assert_allclose(ex.doc_priors, prior.float(), atol=1e-6)
+        labels = out.labels[b]
+        n = int((labels != model.generator.pad_token_id).sum())
+        assert len(ex.tokens) == n and ex.token_posteriors.shape == (n, 3)
+        token_ll = torch.stack([logprobs[b, :, t, labels[t]] for t in range(n)])  # (T, K)
+        for t in range(n):
+            joint = prior * token_ll[t].exp()  # (K,)
+            np.testing.assert_allclose(ex.token_posteriors[t], (joint / joint.sum()).float(), atol=1e-5)
+        whole = prior.log() + token_ll.sum(0)  # (K,) log p(z|x) + log p(y|x,z)
+        np.testing.assert_allclose(ex.doc_posteriors, torch.softmax(whole, 0).float(), atol=1e-5)
+    with pytest.raises(RagModelError, match="one answer string per question"):
+        model.explain(questions, ["only one"])
