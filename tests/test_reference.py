@@ -129,18 +129,21 @@ def test_rag_reference_runs_systems_and_prints_a_table_with_examples(tmp_path, c
         mp.setattr(sys, "argv", argv)
         cli.main()
     out = capsys.readouterr().out
-    assert "| rag_token | token_greedy |" in out and "| closed_book |" in out
+    assert "| RAG-Token | token_greedy | 3 |" in out and "| Closed-book BART | token_greedy | - |" in out
     assert "p(z|x)=" in out and "Q: " in out
-    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    report = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert report["study"] == "table1" and report["command"].startswith("rag-reference")
+    assert report["reference"]["commit"] == "0" * 40
     assert [r["system"] for r in report["rows"]] == ["rag_token", "rag_sequence", "closed_book"]
-    assert report["rows"][0]["metrics"]["n"] == 4  # 2 SQuAD-open + 2 NQ-gold test questions
+    assert report["rows"][0]["n"] == 4  # 2 SQuAD-open + 2 NQ-gold test questions
     assert report["rows"][2]["n_docs"] is None
     preds = [
         json.loads(line)
         for line in (tmp_path / "out" / "predictions-rag_token.jsonl").read_text().splitlines()
     ]
     assert len(preds) == 4 and all(len(p["passages"]) == 3 for p in preds)
-    assert (tmp_path / "out" / "results.md").read_text().count("|") > 10
+    markdown = (tmp_path / "out" / "result.md").read_text()
+    assert markdown.count("|") > 10 and "p(z|x)=" in markdown
 
 
 def test_init_from_a_reference_folder_loads_its_generator_and_query_encoder(tmp_path, tiny_bert):

@@ -7,8 +7,10 @@
 Builds the mini-wiki's dense index if it is missing (as ``rag-index`` does, into ``$RAG_HOME`` or
 ``~/.cache/rag``), loads the reference RAG model and the closed-book baseline (``rag/reference_weights``,
 checked against their SHA-256), answers every question of the split with each system, and prints a results
-table and a few answers with the passages they came from. Writes ``results.json``, ``results.md`` and one
-``predictions-<system>.jsonl`` per system to the run folder.
+table and a few answers with the passages they came from. This is the ``table1`` study of ``rag-replicate``
+on the shipped weights: it writes the study's ``result.json`` (rows, command, commit, hardware; ``rag-aggregate
+--result`` takes it), ``result.md`` (the table and the answers shown) and one ``predictions-<system>.jsonl``
+per system to the run folder.
 
 The systems are the training experiments' own models (``systems.*.experiment``: the default
 ``rag-train experiment=miniwiki_rag_token`` starts from exactly these weights), each decoded with its own
@@ -17,17 +19,15 @@ decoder: RAG-Token greedily, RAG-Sequence with thorough decoding (paper §2.5), 
 
 from __future__ import annotations
 
+import json
 import sys
-import time
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from rag.atomic import write_json_atomic, write_text_atomic
+from rag.atomic import write_text_atomic
 from rag.cli.index import ConfigError, check_required, set_threads
-from rag.cli.train import build_model, hydra_entry
-from rag.data.corpus import write_jsonl
-from rag.replication.evaluate import answer_all, compose_train_config, load_split, peak_rss_mb
+from rag.cli.train import hydra_entry
 
 CONFIG_NAME = "reference"
 SPLITS = ("train", "val", "test")
@@ -37,25 +37,8 @@ def _log(message: str) -> None:
     print(f"[rag-reference] {message}", file=sys.stderr, flush=True)
 
 
-def results_table(rows: list[dict], sets: list[str]) -> str:
-    """Markdown: one row per system; EM and F1 overall and per set, answer recall@K of the passages read."""
-    head = ["system", "decoder", "EM", "F1", *(f"EM {s}" for s in sets), "answer recall@K", "seconds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
-    for row in rows:
-        m = row["metrics"]
-        k = row["n_docs"]
-        recall = m.get(f"answer_recall@{k}") if k else None
-        cells = [
-            row["system"],
-            row["decoder"],
-            f"{100 * m['em']:.1f}",
-            f"{100 * m['f1']:.1f}",
-            *(f"{100 * m.get(f'{s}/em', m['em'] if len(sets) == 1 else float('nan')):.1f}" for s in sets),
-            "-" if recall is None else f"{100 * recall:.1f}",
-            f"{row['seconds']:.0f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def examples_text(by_system: dict[str, list[dict]], n: int, seed: int, passages_shown: int = 2) -> str:
@@ -84,7 +67,10 @@ def examples_text(by_system: dict[str, list[dict]], n: int, seed: int, passages_
 
 
 def run(cfg: DictConfig) -> dict:
+    """The table1 study (rag.replication.studies) on the shipped reference, then a few answers shown."""
     from rag.reference import check_reference
+    from rag.replication.provenance import command_line
+    from rag.replication.studies import run_study
 
     check_required(cfg)
     if cfg.split not in SPLITS:
@@ -92,72 +78,40 @@ def run(cfg: DictConfig) -> dict:
     if not cfg.systems:
         raise ConfigError("systems is empty: name at least one system to evaluate")
     set_threads(cfg.threads)
-    started = time.perf_counter()
     manifest = check_reference(cfg.reference_dir)
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    models: dict[str, object] = {}
-    rows, by_system = [], {}
-    sets: list[str] = []
-    for name, system in cfg.systems.items():
-        overrides = [f"cache_dir='{cfg.cache_dir}'", *system.get("overrides", [])]
-        if cfg.reference_dir:
-            overrides.append(f"+reference_dir='{cfg.reference_dir}'")
-        key = system.experiment + " " + " ".join(overrides)
-        train_cfg = compose_train_config(system.experiment, overrides)
-        if key not in models:
-            _log(f"{name}: building {system.experiment} ({train_cfg.model.retriever_mode} retrieval)")
-            models[key] = (build_model(train_cfg).eval(), load_split(train_cfg, cfg.split, cfg.limit))
-        model, split = models[key]
-        sets = split.sets
-        n_docs = None if model.closed_book else int(cfg.n_docs)
-        answered = answer_all(
-            model,
-            split,
-            decoder=system.decoder,
-            n_docs=n_docs,
-            batch_size=int(cfg.batch_size),
-            desc=f"{name} ({system.decoder})",
-        )
-        records, seconds, metrics = answered.records, answered.seconds, answered.metrics
-        write_jsonl(output_dir / f"predictions-{name}.jsonl", records)
-        by_system[name] = records
-        rows.append(
-            {
-                "system": name,
-                "experiment": system.experiment,
-                "decoder": system.decoder,
-                "n_docs": n_docs,
-                "metrics": metrics,
-                "seconds": seconds,
-            }
-        )
-        _log(f"{name}: EM {100 * metrics['em']:.1f}, F1 {100 * metrics['f1']:.1f} in {seconds:.0f} s")
-
-    table = results_table(rows, sets)
-    examples = examples_text(by_system, int(cfg.examples), int(cfg.seed))
-    n_questions = len(next(iter(by_system.values())))
-    header = (
-        f"mini-wiki {cfg.split} split ({n_questions} questions: {', '.join(sets)}), K={cfg.n_docs} passages, "
-        f"reference model trained at commit {manifest.get('commit', '?')[:10]}\n"
-    )
-    print("\n" + header + "\n" + table + "\n" + examples)
-    report = {
-        "split": cfg.split,
-        "limit": cfg.limit,
-        "n_docs": cfg.n_docs,
-        "rows": rows,
-        "reference": {k: manifest.get(k) for k in ("commit", "command", "created")},
-        "wall_seconds": time.perf_counter() - started,
-        "peak_rss_mb": peak_rss_mb(),
+    study = {
+        "name": "table1",
+        "kind": "systems",
+        "title": "Table 1: open-domain QA, exact match (rag-reference, the shipped reference models)",
+        "n_docs": int(cfg.n_docs),
+        "systems": OmegaConf.to_container(cfg.systems, resolve=True),
     }
-    write_json_atomic(output_dir / "results.json", report)
-    write_text_atomic(output_dir / "results.md", header + "\n" + table + "\n```\n" + examples + "```\n")
-    _log(
-        f"done in {report['wall_seconds']:.0f} s (peak RSS {report['peak_rss_mb']:.0f} MB); results in {output_dir}"
+    study_cfg = OmegaConf.create(
+        {
+            "study": study,
+            **{k: cfg[k] for k in ("split", "limit", "batch_size", "threads", "cache_dir", "reference_dir")},
+            "train_root": None,
+            "train_overrides": [],
+            "output_dir": cfg.output_dir,
+        }
     )
-    return report
+    reference = {k: manifest.get(k) for k in ("commit", "command", "created")}
+    result = run_study(study_cfg, command_line("rag-reference"), extra={"reference": reference})
+    output_dir = Path(cfg.output_dir)
+    by_system = {
+        row["system"]: read_jsonl(output_dir / f"predictions-{row['system']}.jsonl") for row in result["rows"]
+    }
+    examples = examples_text(by_system, int(cfg.examples), int(cfg.seed))
+    header = (
+        f"reference model trained at commit {str(reference.get('commit') or '?')[:10]} "
+        f"({reference.get('command')})\n"
+    )
+    print(header + "\n" + examples)
+    write_text_atomic(
+        output_dir / "result.md",
+        (output_dir / "result.md").read_text() + "\n" + header + "\n```\n" + examples + "```\n",
+    )
+    return result
 
 
 def main() -> None:

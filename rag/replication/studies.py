@@ -359,7 +359,7 @@ def run_hotswap(cfg: DictConfig, models: ModelCache, out: Path) -> list[dict]:
 RUNNERS = {"systems": run_systems, "sweep": run_sweep, "hotswap": run_hotswap}
 
 
-def run_study(cfg: DictConfig, command: str) -> dict:
+def run_study(cfg: DictConfig, command: str, extra: dict | None = None) -> dict:
     """Run ``cfg.study``; writes ``result.json`` and ``result.md`` (and predictions) to ``cfg.output_dir``."""
     from rag.replication.aggregate import study_markdown
     from rag.replication.provenance import record
@@ -380,6 +380,7 @@ def run_study(cfg: DictConfig, command: str) -> dict:
         **provenance,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "models": models.info,
+        **(extra or {}),
         "rows": rows,
         "wall_seconds": time.perf_counter() - started,
         "peak_rss_mb": peak_rss_mb(),
