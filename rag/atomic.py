@@ -6,6 +6,7 @@ flushed to disk, and then replaces the target in one ``os.replace``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -32,3 +33,12 @@ def write_json_atomic(path: str | os.PathLike, data: Any, **dumps_kwargs) -> Pat
     """Write ``data`` as JSON (indent 1, sorted keys unless overridden) to ``path`` atomically."""
     dumps_kwargs = {"indent": 1, "sort_keys": True, **dumps_kwargs}
     return write_text_atomic(path, json.dumps(data, **dumps_kwargs))
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes, read in blocks (files of any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

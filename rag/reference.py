@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from rag.atomic import sha256_file as _sha256
 from rag.atomic import write_json_atomic
-from rag.generation.generator import _file_sha256 as _sha256
 
 __all__ = [
     "REFERENCE_DIR",

@@ -70,7 +70,9 @@ class RetrievalOutput:
             doc_ids=self.doc_ids[:, :k],
             doc_scores=self.doc_scores[:, :k],
             passages=[row[:k] for row in self.passages],
-            retrieved_doc_embeds=None if self.retrieved_doc_embeds is None else self.retrieved_doc_embeds[:, :k],
+            retrieved_doc_embeds=None
+            if self.retrieved_doc_embeds is None
+            else self.retrieved_doc_embeds[:, :k],
             question_embeds=self.question_embeds,
             extras=dict(self.extras),
         )

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rag.atomic import write_json_atomic
+from rag.atomic import sha256_file, write_json_atomic
 from rag.data.corpus import iter_passages
 from rag.data.errors import DataError
 from rag.types import Passage
@@ -262,20 +262,12 @@ def convert_passages(
     return ArrowPassages(out)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _same_content(manifest: dict, record: dict, source: Path) -> bool:
     """A source that differs from the manifest's only by its modification time (copied, touched, written
     again with the same rows) is the same source if its bytes hash the same."""
     saved = {k: v for k, v in manifest["source"].items() if k != "mtime_ns"}
     now = {k: v for k, v in record.items() if k != "mtime_ns"}
-    return saved == now and manifest.get("source_sha256") == _file_sha256(source)
+    return saved == now and manifest.get("source_sha256") == sha256_file(source)
 
 
 def _convert(source: Path, out: Path, record: dict, rows_per_part: int, show_progress: bool) -> None:
@@ -374,7 +366,7 @@ def _finish(out: Path, parts: list[dict], record: dict) -> None:
         "id_lookup": "sequential" if sequential else IDS_NAME,
         "first_int_id": first if sequential else None,
         "source": record,
-        "source_sha256": _file_sha256(Path(record["path"])),
+        "source_sha256": sha256_file(Path(record["path"])),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     write_json_atomic(out / MANIFEST_NAME, manifest)

@@ -12,9 +12,9 @@ that experiments can drop or keep passages by source. Every load checks the file
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+from rag.atomic import sha256_file
 from rag.data.corpus import read_passages
 from rag.data.errors import ChecksumError, DataFileNotFoundError
 from rag.data.qa import read_questions
@@ -44,14 +44,6 @@ def questions_path(dataset: str, split: str) -> Path:
     if split not in SPLITS:
         raise ValueError(f"unknown mini-wiki split {split!r}; expected one of {SPLITS}")
     return MINIWIKI_DIR / f"{dataset}.{split}.jsonl.gz"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def recorded_checksums(directory: Path = MINIWIKI_DIR) -> dict[str, str]:

@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rag.atomic import sha256_file
+
 __all__ = [
     "DeltaCheckpointError",
     "Generator",
@@ -543,7 +545,7 @@ def save_delta(generator: Generator, path: str | os.PathLike, *, bert_name_or_pa
             "base": base_name,
             "base_sha256": _state_fingerprint(bert.state_dict()),
             "dtype": "float16",
-            "sha256": _file_sha256(tmp / DELTA_WEIGHTS),
+            "sha256": sha256_file(tmp / DELTA_WEIGHTS),
             "n_tensors": len(delta),
             "n_params": sum(t.numel() for t in delta.values()),
             "config": generator.config.to_dict(),
@@ -573,7 +575,7 @@ def load_delta(path: str | os.PathLike, *, bert_name_or_path=None) -> Generator:
             f"{manifest_path}: format {manifest.get('format')!r}, expected {DELTA_FORMAT}"
         )
     weights = path / DELTA_WEIGHTS
-    if not weights.is_file() or _file_sha256(weights) != manifest["sha256"]:
+    if not weights.is_file() or sha256_file(weights) != manifest["sha256"]:
         raise DeltaCheckpointError(
             f"{weights} is missing or its SHA-256 differs from {manifest_path}: the file is corrupt or was "
             "changed after saving; restore it (e.g. `git checkout` / re-download)"
@@ -616,14 +618,6 @@ def _state_fingerprint(state: dict[str, torch.Tensor]) -> str:
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()
 
 

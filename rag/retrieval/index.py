@@ -27,7 +27,6 @@ The index lives on the CPU and uses the threads the caller set (``faiss.omp_set_
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -46,6 +45,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rag.atomic import sha256_file
 from rag.retrieval.errors import (
     IndexCorruptError,
     IndexDeviceError,
@@ -363,14 +363,6 @@ def recall_vs_exact(
 # Atomic file helpers
 
 
-def _sha256_file(path: Path, block: int = 2**22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -632,7 +624,7 @@ class DenseIndex:
             "index": {
                 "name": data_name,
                 "bytes": data_path.stat().st_size,
-                "sha256": _sha256_file(data_path),
+                "sha256": sha256_file(data_path),
             }
         }
         tmp_manifest = directory / f".{MANIFEST_NAME}.{token}.tmp"
@@ -696,7 +688,7 @@ class DenseIndex:
                 f"{path} is {size:,} bytes but the manifest says {info.get('bytes'):,}: the file is "
                 f"truncated or was overwritten; rebuild it{_rebuild_hint(manifest, directory)}"
             )
-        if verify_checksum and _sha256_file(path) != info.get("sha256"):
+        if verify_checksum and sha256_file(path) != info.get("sha256"):
             raise IndexCorruptError(
                 f"{path} does not match the SHA-256 in its manifest: the file is damaged; rebuild "
                 f"it{_rebuild_hint(manifest, directory)}"

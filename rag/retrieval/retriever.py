@@ -244,7 +244,9 @@ class DenseRetriever(Retriever):
         if rows.size == 0:
             raise RetrievalInputError("the subset is empty: keep at least one passage")
         if rows[0] < 0 or rows[-1] >= self.n_passages:
-            raise RetrievalInputError(f"subset rows must lie in [0, {self.n_passages}), got {rows[0]}..{rows[-1]}")
+            raise RetrievalInputError(
+                f"subset rows must lie in [0, {self.n_passages}), got {rows[0]}..{rows[-1]}"
+            )
         vectors = self._doc_vectors(rows[None, :])[0]  # (M, D)
         index = self._fresh_index().build(vectors)
         return DenseRetriever(
