@@ -79,6 +79,14 @@ def check_study(cfg: DictConfig) -> None:
             raise ConfigError(f"study.indexes: unknown {bad}; choose from {INDEX_VARIANTS}")
 
 
+def effective_limit(cfg: DictConfig) -> int | None:
+    """``limit`` when given, else the study's own default (``study.limit``: the CPU-sized sweeps), else all."""
+    if cfg.get("limit") is not None:
+        return int(cfg.limit)
+    limit = cfg.study.get("limit")
+    return None if limit is None else int(limit)
+
+
 def model_key(system: DictConfig) -> str:
     overrides = " ".join(system.get("overrides") or [])
     run = system.get("run") if system.get("train") else ""
@@ -133,7 +141,7 @@ class ModelCache:
                 "experiment": system.experiment,
                 "overrides": overrides,
             }
-        split = load_split(train_cfg, cfg.split, cfg.limit)
+        split = load_split(train_cfg, cfg.split, effective_limit(cfg))
         self.models[key] = (model, train_cfg, split)
         return self.models[key]
 
@@ -376,7 +384,7 @@ def run_study(cfg: DictConfig, command: str, extra: dict | None = None) -> dict:
         "kind": cfg.study.kind,
         "title": cfg.study.get("title") or cfg.study.name,
         "split": cfg.split,
-        "limit": cfg.limit,
+        "limit": effective_limit(cfg),
         **provenance,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "models": models.info,
