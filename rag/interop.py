@@ -44,6 +44,9 @@ Known differences that remain (those that concern an export are also listed in i
   :func:`~rag.generation.generator.bart_from_bert`) computes different logits there (on the MiniLM-initialised
   BART up to 0.07 apart on logits of magnitude 8; greedy answers agreed on 16 of 16 NQ questions); importing
   the export here restores 1e-12 (as :func:`~rag.generation.generator.load_generator` does);
+- transformers' document priors are the softmax of the raw inner products: a ``doc_score_scale`` other than 1
+  (the cosine-scoring MiniLM of the embedded default uses 20) has no setting there; the export's manifest
+  records it;
 - transformers feeds the generator the question decoded from the question encoder's ids (lowercased by an
   uncased BERT, :mod:`rag.generation.context`); here it is the question as written.
 """
@@ -662,5 +665,9 @@ def export_transformers_rag(
         exclude_bos=model.exclude_bos,
         question_encoder=question_encoder,
         allow_pooling_mismatch=allow_pooling_mismatch,
-        manifest={"retriever_mode": model.retriever_mode, **dict(manifest or {})},
+        manifest={
+            "retriever_mode": model.retriever_mode,
+            "doc_score_scale": model.doc_score_scale,
+            **dict(manifest or {}),
+        },
     )

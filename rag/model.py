@@ -161,6 +161,12 @@ class RagModel(nn.Module):
             ``max_new_tokens``, ``min_length``, ``length_penalty``, ...).
         freeze: regular expressions (``re.search``) over parameter names; what they match is not trained.
             Each must match at least one parameter (a typo fails at once).
+        doc_score_scale: dense retrieval logits are ``doc_score_scale * q(x)·d(z)`` (learned and frozen
+            modes; BM25 scores are used as they are). 1 for DPR, whose unnormalised inner products are
+            already sharp. An L2-normalised encoder (all-MiniLM-L6-v2) scores cosines in [-1, 1], and
+            softmax over five cosines is nearly uniform: p(z|x) then cannot tell the passage that holds the
+            answer from the others. A scale of 20 (a temperature of 0.05, sentence-transformers' default for
+            the contrastive loss such encoders are trained with) gives the prior the sharpness DPR's has.
     """
 
     def __init__(
@@ -183,6 +189,7 @@ class RagModel(nn.Module):
         decoder: str | None = None,
         generation: Mapping[str, Any] | None = None,
         freeze: Sequence[str] = (),
+        doc_score_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -224,6 +231,12 @@ class RagModel(nn.Module):
         self.decoder = decoder
         self.generation = dict(generation or {})
         self.freeze = self._freeze(freeze)
+        try:
+            self.doc_score_scale = float(doc_score_scale)
+        except (TypeError, ValueError):
+            self.doc_score_scale = float("nan")
+        if not self.doc_score_scale > 0 or self.doc_score_scale == float("inf"):
+            raise RagModelError(f"doc_score_scale must be a positive number, got {doc_score_scale!r}")
 
     # ------------------------------------------------------------------------------------ construction
 
@@ -349,7 +362,10 @@ class RagModel(nn.Module):
             out.doc_scores = out.doc_scores.to(device=self.device, dtype=torch.float32)  # (B, K)
             return out
         question_embeds = self.embed_questions(texts)  # (B, D)
-        return self.retriever.retrieve_by_embeds(question_embeds, k)
+        out = self.retriever.retrieve_by_embeds(question_embeds, k)
+        if self.doc_score_scale != 1.0:
+            out.doc_scores = out.doc_scores * self.doc_score_scale  # (B, K), gradient kept
+        return out
 
     # ------------------------------------------------------------------------------------ training
 

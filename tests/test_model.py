@@ -151,6 +151,25 @@ def test_frozen_and_bm25_retrievers_get_no_gradient(parts, mode):
         np.testing.assert_allclose(out.doc_scores.numpy(), scores, rtol=1e-6)
 
 
+def test_doc_score_scale_sharpens_dense_logits_only(parts):
+    texts = [q.question for q in parts["questions"]]
+    plain = make_model(parts, n_docs=4).eval()
+    scaled = make_model(parts, n_docs=4, doc_score_scale=20.0).eval()
+    out1, out20 = plain.retrieve(texts), scaled.retrieve(texts)
+    np.testing.assert_array_equal(out1.doc_ids.numpy(), out20.doc_ids.numpy())  # same passages, same order
+    torch.testing.assert_close(out20.doc_scores, 20.0 * out1.doc_scores)
+    p1, p20 = torch.softmax(out1.doc_scores, -1), torch.softmax(out20.doc_scores, -1)
+    assert bool((p20.max(-1).values >= p1.max(-1).values - 1e-6).all())  # a sharper prior, never a flatter one
+    scaled.train()(parts["questions"], parts["targets"]).loss.backward()  # the gradient still reaches q(x)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in scaled.query_encoder.parameters())
+    bm25 = make_model(parts, mode="bm25", n_docs=3, doc_score_scale=20.0)
+    scores, _ = parts["bm25"].bm25.search(texts, 3)
+    np.testing.assert_allclose(bm25.retrieve(texts).doc_scores.numpy(), scores, rtol=1e-6)  # BM25 as it is
+    for bad in (0, -1.0, float("inf"), "x"):
+        with pytest.raises(RagModelError, match="doc_score_scale"):
+            make_model(parts, doc_score_scale=bad)
+
+
 def test_index_and_passages_stay_out_of_the_state_dict(parts):
     model = make_model(parts)
     keys = set(model.state_dict())
