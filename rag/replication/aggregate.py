@@ -19,6 +19,7 @@ import io
 import json
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 from rag.atomic import write_json_atomic, write_text_atomic
@@ -165,6 +166,7 @@ def plot_study(result: dict, path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     rows = result["rows"]
     if not rows:
@@ -185,13 +187,24 @@ def plot_study(result: dict, path: Path) -> Path | None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     else:
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows)), 4))
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4.5))
         labels = [r["label"] + (f"\n{r['index']}" if "index" in r else "") for r in rows]
-        ax.bar(range(len(rows)), [100 * r["em"] for r in rows], color="tab:blue")
-        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+        paper = paper_numbers(result["study"])
+        published = [paper["values"].get(r["label"]) if paper else None for r in rows]
+        x = np.arange(len(rows))
+        width = 0.4 if any(v is not None for v in published) else 0.8
+        offset = width / 2 if width < 0.8 else 0.0
+        bars = ax.bar(x - offset, [100 * r["em"] for r in rows], width, color="tab:blue", label="this run")
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        if width < 0.8:
+            heights = [v if v is not None else 0.0 for v in published]
+            theirs = ax.bar(x + offset, heights, width, color="0.75", hatch="//", label=paper["column"])
+            ax.bar_label(theirs, labels=[f"{v:.1f}" if v is not None else "" for v in published], fontsize=7)
+            ax.legend(fontsize=8)
+        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("exact match (%)")
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(result["title"], fontsize=10)
+    fig.suptitle("\n".join(textwrap.wrap(result["title"], 70)), fontsize=10)
     fig.text(0.01, 0.01, f"{result['command']}  @ {short_commit(result['commit'])}", fontsize=6, color="gray")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
