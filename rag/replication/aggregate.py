@@ -184,6 +184,8 @@ def plot_study(result: dict, path: Path) -> Path | None:
             ax.set_ylabel(f"{what} (%)")
             ks = sorted({r["n_docs"] for r in rows})
             ax.set_xticks(ks, [str(k) for k in ks])
+            top = max(100 * (r.get("answer_recall" if what.startswith("answer") else "em") or 0) for r in rows)
+            ax.set_ylim(0, min(100.0, 1.15 * top + 1))  # from 0: small gaps look small
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     else:
