@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -24,14 +23,6 @@ from rag.retrieval.retriever import BM25Retriever, DenseRetriever, GoldRetriever
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 NQ_FIXTURE = Path(__file__).parent / "fixtures" / "data" / "NQ-open.dev.jsonl"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_overrides(tmp: Path) -> list[str]:

@@ -29,14 +29,6 @@ ROWS_PER_FILE = 8
 N_EMBED = 44  # 6 files of 8 rows (the last one 4): 3 per rank
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------- shared setup
 
 

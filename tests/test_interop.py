@@ -72,14 +72,6 @@ N_PASSAGES = 30
 hf_logging.set_verbosity_error()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def seeded(build, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -15,15 +15,6 @@ from rag.data.datamodule import RagDataModule
 from rag.lit_module import LitModuleError, OptimConfig, RagLitModule, prediction_record, score_records
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended ones (shared CI cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trainer(max_steps: int, **kwargs) -> pl.Trainer:
     kwargs = {
         "accelerator": "cpu",

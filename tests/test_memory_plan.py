@@ -7,21 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import rag.retrieval.memory as memory
 from rag.retrieval.index import estimate_memory_bytes, make_index
 from rag.retrieval.memory import IndexMemoryError, available_memory_bytes, plan_for_index, plan_index_memory
 
 DPR = (21_015_324, 768)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

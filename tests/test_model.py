@@ -39,15 +39,6 @@ N_PASSAGES = 30
 VOCAB = BertConfig.from_pretrained(TINY_BERT).vocab_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended ones (shared CI cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # the fixture's vocab.txt lists one token twice, so ids run to 198 while len(tokenizer) is 198
 VOCAB = BertConfig.from_pretrained(TINY_BERT).vocab_size
 

@@ -33,14 +33,6 @@ def tiny_bert(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_encoder_delta_stores_only_changed_tensors_and_reloads_them(tmp_path, tiny_bert):
     base = load_query_encoder(tiny_bert, pooling="mean", normalize=True)
     trained = load_query_encoder(tiny_bert, pooling="mean", normalize=True)

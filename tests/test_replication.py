@@ -23,14 +23,6 @@ from rag.retrieval.retriever import DenseRetriever
 from rag.types import Passage
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _overrides(tmp_path: Path, *extra: str) -> str:
     items = (f"runs_dir={tmp_path / 'runs'}", "threads=1", *extra)
     return "[" + ",".join(f"'{o}'" for o in items) + "]"

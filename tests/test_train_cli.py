@@ -18,14 +18,6 @@ from rag.cli import train as train_cli
 from rag.lit_module import score_records
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def smoke_overrides(root: Path) -> list[str]:
     return ["experiment=smoke", f"cache_dir={root / 'cache'}", f"runs_dir={root / 'runs'}", "threads=1"]
 
