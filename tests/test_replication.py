@@ -165,7 +165,21 @@ def test_table1_study_then_aggregate_into_tables_plots_and_results_md(tmp_path, 
     csv_lines = (tmp_path / "results" / "table1.csv").read_text().splitlines()
     assert csv_lines[0].startswith("system,decoder,K,EM,F1") and len(csv_lines) == 4
     assert (tmp_path / "results" / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((tmp_path / "results" / "table1.json").read_text())["rows"] == result["rows"]
+    aggregated = json.loads((tmp_path / "results" / "table1.json").read_text())
+    assert aggregated["rows"] == result["rows"]
+    # every pair of the three systems compared on the same 4 questions; EMs agree with the study's scoring
+    em = {r["label"]: r["em"] for r in result["rows"]}
+    assert [(c["a"], c["b"]) for c in aggregated["paired"]] == [
+        ("Closed-book BART", "RAG-Token"),
+        ("Closed-book BART", "RAG-Sequence"),
+        ("RAG-Token", "RAG-Sequence"),
+    ]
+    for c in aggregated["paired"]:
+        assert (
+            c["n"] == 4 and c["em_a"] == pytest.approx(em[c["a"]]) and c["em_b"] == pytest.approx(em[c["b"]])
+        )
+        assert c["em_a"] - c["em_b"] == pytest.approx((c["only_a"] - c["only_b"]) / 4)
+    assert "| A | B | EM A | EM B |" in text
 
 
 def test_figure3_sweep_reuses_one_search_and_recall_grows_with_k(tmp_path):

@@ -6,7 +6,9 @@
 For each study the newest ``result.json`` under ``--runs/<study>/`` (or the ones given with ``--result``) is
 copied to ``results/<study>.json`` without its predictions, and rendered as ``<study>.md`` and ``<study>.csv``
 laid out like the paper's table, with the paper's numbers beside ours where the paper has them, and
-``<study>.png`` (Figure 3-style curves for the sweeps, bars for the others). Every table names the command,
+``<study>.png`` (Figure 3-style curves for the sweeps, bars for the others). Where the run folder holds the
+predictions, rival systems are also compared question by question (``rag.replication.paired``: discordant
+questions and the exact McNemar p-value), so a gap can be told from noise. Every table names the command,
 config and commit that made it. In ``RESULTS.md`` the text between ``<!-- study:<name> -->`` and
 ``<!-- /study:<name> -->`` is replaced by the study's table, so the document's numbers are always the runs'.
 """
@@ -23,6 +25,7 @@ import textwrap
 from pathlib import Path
 
 from rag.atomic import write_json_atomic, write_text_atomic
+from rag.replication.paired import paired_comparisons, paired_markdown
 from rag.replication.paper import paper_numbers
 
 
@@ -148,6 +151,9 @@ def study_markdown(result: dict) -> str:
     text = f"**{result['title']}** ({result['study']})\n\n" + _markdown_table(head, body)
     if paper:
         text += f"\nPaper column: {paper['source']}\n"
+    paired = paired_markdown(result)
+    if paired:
+        text += "\n" + paired
     return text + "\nMade by " + provenance_line(result) + "\n"
 
 
@@ -184,7 +190,9 @@ def plot_study(result: dict, path: Path) -> Path | None:
             ax.set_ylabel(f"{what} (%)")
             ks = sorted({r["n_docs"] for r in rows})
             ax.set_xticks(ks, [str(k) for k in ks])
-            top = max(100 * (r.get("answer_recall" if what.startswith("answer") else "em") or 0) for r in rows)
+            top = max(
+                100 * (r.get("answer_recall" if what.startswith("answer") else "em") or 0) for r in rows
+            )
             ax.set_ylim(0, min(100.0, 1.15 * top + 1))  # from 0: small gaps look small
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
@@ -259,6 +267,11 @@ def aggregate(
     sections = {}
     for study, path in sorted(chosen.items()):
         result = json.loads(path.read_text())
+        if "paired" not in result:
+            try:
+                result["paired"] = paired_comparisons(result, path.parent)
+            except (FileNotFoundError, ValueError) as err:
+                print(f"[rag-aggregate] {study}: no paired comparisons ({err})", file=sys.stderr)
         write_json_atomic(out / f"{study}.json", result)
         markdown = study_markdown(result)
         write_text_atomic(out / f"{study}.md", markdown)
