@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 import torch
 
 from rag.data.datamodule import QABatch
-from rag.metrics import exact_match, f1_score, has_answer, regex_match
+from rag.metrics import f1_score, has_answer, record_exact_match
 from rag.model import RagAnswer, RagModel
 
 __all__ = ["OptimConfig", "RagLitModule", "prediction_record", "score_records"]
@@ -116,11 +116,7 @@ def prediction_record(question, answer: RagAnswer, dataset: str = "", index: int
 def _example_scores(record: dict, ks: Sequence[int]) -> dict[str, float]:
     """EM, F1 (max over gold answers), answer recall@k and gold-passage recall@k of one record."""
     answers, regex = record["answers"], record["answers_are_regex"]
-    out = {
-        "em": regex_match(record["prediction"], answers)
-        if regex
-        else exact_match(record["prediction"], answers)
-    }
+    out = {"em": record_exact_match(record)}
     if not regex:
         out["f1"] = f1_score(record["prediction"], answers)
     passages = record["passages"]

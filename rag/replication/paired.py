@@ -20,7 +20,7 @@ import math
 from itertools import combinations
 from pathlib import Path
 
-from rag.metrics import exact_match, regex_match
+from rag.metrics import record_exact_match
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
@@ -36,9 +36,7 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
 
 def record_correct(record: dict) -> bool:
     """Whether one prediction record is an exact match (regex match for regex answers)."""
-    answers = record["answers"]
-    match = regex_match if record.get("answers_are_regex") else exact_match
-    return bool(match(record["prediction"], answers))
+    return bool(record_exact_match(record))
 
 
 def _key(record: dict) -> tuple:
