@@ -29,6 +29,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from rag.cli import CONF_DIR
+from rag.errors import ConfigError
 from rag.retrieval.embed import (
     EmbeddingsError,
     ShardedEmbeddings,
@@ -44,10 +45,6 @@ from rag.retrieval.retriever import write_index_source
 from rag.types import Passage
 
 log = logging.getLogger("rag.index")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run: a required value unset, an option out of range."""
 
 
 @dataclass

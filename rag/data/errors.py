@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 
+from rag.errors import RagError
 
-class DataError(Exception):
+
+class DataError(RagError):
     """Base class of every data-layer error (catch this to catch them all)."""
 
 

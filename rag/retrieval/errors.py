@@ -6,8 +6,10 @@ catch one class and print the message without a stack trace.
 
 from __future__ import annotations
 
+from rag.errors import RagError
 
-class RetrievalError(Exception):
+
+class RetrievalError(RagError):
     """Base class of every retrieval error."""
 
 
