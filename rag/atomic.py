@@ -9,24 +9,48 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (parents created); returns the path."""
+def temporary_sibling(path: str | os.PathLike) -> Path:
+    """The temporary name ``path`` is written under before it is renamed into place (same folder)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without an error, the file written there
+    (by any writer: ``np.save``, ``faiss.write_index``, ``torch.save`` ...) replaces ``path`` in one
+    ``os.replace``. On an error the temporary file is removed and ``path`` is left as it was.
+
+        with atomic_path(out / "embeddings.npy") as tmp:
+            np.save(tmp, array)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_sibling(path)
     try:
+        yield tmp
+        if fsync and tmp.is_file():
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (parents created); returns the path."""
+    with atomic_path(path, fsync=False) as tmp:
         with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any, **dumps_kwargs) -> Path:
