@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,3 +67,43 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def replace_atomic(tmp: str | os.PathLike, path: str | os.PathLike, *, fsync: bool = True) -> Path:
+    """Flush the finished file ``tmp`` (named by :func:`temporary_sibling`) to disk and rename it onto ``path``
+    in one ``os.replace``: for writers that fill a file over several calls (a memmap written batch by batch,
+    an Arrow stream), which cannot run inside one :func:`atomic_path` block."""
+    if fsync:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return Path(path)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; when the block ends without an error, it becomes
+    ``path``. A folder already at ``path`` is moved aside first and removed after the new one is renamed in,
+    so a crash leaves the old folder or the new one (or the old one under its temporary name beside it),
+    never a half-written folder under ``path``. On an error the temporary folder is removed.
+
+        with atomic_dir(out / "generator") as tmp:
+            model.save_pretrained(tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    old = tmp.with_name(f".{path.name}.{os.getpid()}.old")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had this pid
+    shutil.rmtree(old, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

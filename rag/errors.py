@@ -10,6 +10,8 @@ code written against the builtins keeps working.
 
 from __future__ import annotations
 
+__all__ = ["ConfigError", "RagError"]
+
 
 class RagError(Exception):
     """Base class of every error the package raises on purpose; its message names the problem and the fix."""

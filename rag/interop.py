@@ -64,15 +64,10 @@ from typing import Any
 import torch
 from torch import nn
 
-# private helpers of the generator module: the same Generator construction, LayerNorm fix-up, atomic folder
-# writes and quiet loading that load_generator uses
-from rag.generation.generator import (
-    Generator,
-    _atomic_write_dir,
-    _quiet_transformers,
-    _set_layer_norm_eps,
-    _wrap,
-)
+from rag.atomic import atomic_dir
+
+# the same Generator construction, LayerNorm fix-up and quiet loading that load_generator uses
+from rag.generation.generator import Generator, quiet_transformers, set_layer_norm_eps, wrap_model
 from rag.model import DEFAULT_DECODER, HEADS, RagModel, RagModelError
 from rag.retrieval.encoders import BertEncoder, QueryEncoder
 from rag.retrieval.retriever import Retriever
@@ -345,7 +340,7 @@ def load_transformers_rag(
     )
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    with _quiet_transformers():
+    with quiet_transformers():
         hf = getattr(transformers, architecture).from_pretrained(source, **kwargs)
     hf.eval()
     generator_model, question_model = hf.generator, hf.question_encoder
@@ -356,8 +351,8 @@ def load_transformers_rag(
     eps = getattr(generator_model.config, "layer_norm_eps", None)
     if generator_model.config.model_type == "bart" and eps is not None:
         # a BART initialised from a BERT records BERT's epsilon, which transformers' BART does not apply
-        _set_layer_norm_eps(generator_model, eps)
-    generator = _wrap(generator_model, gen_tokenizer)
+        set_layer_norm_eps(generator_model, eps)
+    generator = wrap_model(generator_model, gen_tokenizer)
     name = Path(source.rstrip("/")).name or "rag"
     query_encoder = QueryEncoder(
         question_model,
@@ -600,16 +595,14 @@ def write_transformers_rag(
         "notes": notes,
         **dict(manifest or {}),
     }
-
-    def write(tmp: Path) -> None:
+    path = Path(path).expanduser().resolve()
+    with quiet_transformers(), atomic_dir(path) as tmp:
         rag.save_pretrained(tmp)
         RagTokenizer(question_encoder=query_encoder.tokenizer, generator=generator.tokenizer).save_pretrained(
             tmp
         )
         (tmp / EXPORT_MANIFEST).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-
-    with _quiet_transformers():
-        return _atomic_write_dir(Path(path), write)
+    return path
 
 
 def _check_same_weights(wrapped: nn.Module, original: nn.Module, what: str) -> None:

@@ -1,5 +1,6 @@
 """RagLitModule: the training, validation and test steps of a :class:`~rag.model.RagModel`, its logging and
-its optimiser. No maths here: the loss comes from the model, the metrics from :mod:`rag.metrics`.
+its optimiser. No maths here: the loss comes from the model, the prediction records and their scores from
+:mod:`rag.evaluation`.
 
 Logged keys: ``train/loss``; ``val/loss`` (teacher-forced, at the training ``n_docs``); ``{split}/em``,
 ``{split}/f1``, ``{split}/answer_recall@k`` (a gold answer string in the top-k passages the generator read,
@@ -15,24 +16,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
 
 from rag.data.datamodule import QABatch
-from rag.metrics import f1_score, has_answer, record_exact_match
-from rag.model import RagAnswer, RagModel
+from rag.errors import RagError
+from rag.evaluation import Prediction, score_records
+from rag.model import RagModel
 
 __all__ = ["OptimConfig", "RagLitModule", "prediction_record", "score_records"]
+
+#: kept for callers of the old names; records are rag.evaluation.Prediction, scored by rag.evaluation
+prediction_record = Prediction.from_answer
 
 SCHEDULERS = ("constant", "linear", "polynomial")
 #: checkpoint key: "config" when every weight comes from the run config's checkpoints, none from the file
 WEIGHTS_FROM_KEY = "rag_weights_from"
 
 
-class LitModuleError(ValueError):
+class LitModuleError(RagError, ValueError):
     """Optimiser or evaluation settings the module cannot use."""
 
 
@@ -84,89 +89,6 @@ class OptimConfig:
             raise LitModuleError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
-def prediction_record(question, answer: RagAnswer, dataset: str = "", index: int = -1) -> dict:
-    """One JSON-ready record: the question, gold answers, the prediction, and every passage the generator
-    read with its retrieval score, prior p(z|x) and posterior p(z|x,y)."""
-    return {
-        "id": question.id,
-        "dataset": dataset,
-        "index": index,
-        "question": question.question,
-        "answers": list(question.answers),
-        "answers_are_regex": question.answers_are_regex,
-        "gold_passage_ids": list(question.gold_passage_ids),
-        "prediction": answer.answer,
-        "score": answer.score,
-        "passages": [
-            {
-                "id": p.id,
-                "title": p.title,
-                "text": p.text,
-                "doc_score": s,
-                "prior": prior,
-                "posterior": post,
-            }
-            for p, s, prior, post in zip(
-                answer.passages, answer.doc_scores, answer.doc_priors, answer.doc_posteriors
-            )
-        ],
-    }
-
-
-def _example_scores(record: dict, ks: Sequence[int]) -> dict[str, float]:
-    """EM, F1 (max over gold answers), answer recall@k and gold-passage recall@k of one record."""
-    answers, regex = record["answers"], record["answers_are_regex"]
-    out = {"em": record_exact_match(record)}
-    if not regex:
-        out["f1"] = f1_score(record["prediction"], answers)
-    passages = record["passages"]
-    if passages:
-        first_hit = next(
-            (i for i, p in enumerate(passages) if has_answer(p["text"], answers, regex=regex)), None
-        )
-        gold = set(record["gold_passage_ids"])
-        first_gold = next((i for i, p in enumerate(passages) if p["id"] in gold), None) if gold else None
-        for k in ks:
-            out[f"answer_recall@{k}"] = float(first_hit is not None and first_hit < k)
-            if gold:
-                out[f"gold_recall@{k}"] = float(first_gold is not None and first_gold < k)
-    return out
-
-
-def score_records(records: Iterable[dict], ks: Sequence[int]) -> dict[str, float]:
-    """Mean of every per-question score over ``records``, per set and overall.
-
-    Keys: ``em``, ``f1``, ``answer_recall@k``, ``gold_recall@k`` (each averaged over the questions that
-    have it: f1 skips regex answers, gold recall questions without gold passages), ``n``; and when the
-    records come from several sets, the same keys prefixed ``<set>/``. Recall is given for the ks up to
-    the number of passages read.
-    """
-    records = list(records)
-    if not records:
-        return {}
-    n_read = min((len(r["passages"]) for r in records), default=0)
-    ks = [k for k in sorted(set(ks)) if k <= n_read] if n_read else []
-    if n_read and n_read not in ks:
-        ks.append(n_read)
-    groups: dict[str, list[dict]] = {"": records}
-    sets = list(dict.fromkeys(r["dataset"] for r in records))
-    if len(sets) > 1:
-        for name in sets:
-            groups[f"{name}/"] = [r for r in records if r["dataset"] == name]
-    out: dict[str, float] = {}
-    for prefix, rows in groups.items():
-        sums: dict[str, list[float]] = {}
-        for r in rows:
-            for key, value in _example_scores(r, ks).items():
-                sums.setdefault(key, []).append(value)
-        order = ["em", "f1", *(f"answer_recall@{k}" for k in ks), *(f"gold_recall@{k}" for k in ks)]
-        for key in order:
-            if key in sums:
-                out[f"{prefix}{key}"] = sum(sums[key]) / len(sums[key])
-        out[f"{prefix}n"] = float(len(rows))
-    return out
-
-
 class RagLitModule(pl.LightningModule):
     """Training / validation / test steps, logging and optimiser of a :class:`RagModel`.
 
@@ -208,7 +130,7 @@ class RagLitModule(pl.LightningModule):
                 "run_config": run_config or {},
             }
         )
-        self._records: dict[str, list[dict]] = {"val": [], "test": []}
+        self._records: dict[str, list[Prediction]] = {"val": [], "test": []}
 
     # ------------------------------------------------------------------------------------ steps
 
@@ -234,13 +156,13 @@ class RagLitModule(pl.LightningModule):
             self.log("train/truncated_contexts", float(out.n_truncated), batch_size=len(batch))
         return out.loss
 
-    def _eval_step(self, batch: QABatch, split: str) -> list[dict]:
+    def _eval_step(self, batch: QABatch, split: str) -> list[Prediction]:
         if split == "val" and self.val_loss and all(t is not None for t in batch.targets):
             out = self.model(batch.questions, batch.targets)
             self.log("val/loss", out.loss, batch_size=len(batch), sync_dist=True)
         answers = self.model.generate(batch.questions)
         records = [
-            prediction_record(q, a, name, i)
+            Prediction.from_answer(q, a, name, i)
             for q, a, name, i in zip(batch.questions, answers, batch.datasets, batch.indices)
         ]
         self._records[split].extend(records)
@@ -252,10 +174,10 @@ class RagLitModule(pl.LightningModule):
     def test_step(self, batch: QABatch, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def predict_step(self, batch: QABatch, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+    def predict_step(self, batch: QABatch, batch_idx: int, dataloader_idx: int = 0) -> list[Prediction]:
         answers = self.model.generate(batch.questions)
         return [
-            prediction_record(q, a, name, i)
+            Prediction.from_answer(q, a, name, i)
             for q, a, name, i in zip(batch.questions, answers, batch.datasets, batch.indices)
         ]
 
@@ -271,15 +193,15 @@ class RagLitModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_scores("test")
 
-    def gathered_records(self, split: str) -> list[dict]:
+    def gathered_records(self, split: str) -> list[Prediction]:
         """The split's prediction records of every rank, each question once (the distributed sampler pads
         shards with repeats)."""
         records = self._records[split]
         if self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            parts: list[list[dict] | None] = [None] * self.trainer.world_size
+            parts: list[list[Prediction] | None] = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(parts, records)
             records = [r for part in parts for r in part]
-        unique = {(r["dataset"], r["index"]): r for r in records}
+        unique = {(r.dataset, r.index): r for r in records}
         return [unique[key] for key in sorted(unique)]
 
     def _log_scores(self, split: str) -> None:

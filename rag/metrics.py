@@ -192,10 +192,3 @@ def qa_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]], rege
     em = [exact_match(p, a) for p, a in zip(predictions, answers)]
     f1 = [f1_score(p, a) for p, a in zip(predictions, answers)]
     return {"em": sum(em) / len(em), "f1": sum(f1) / len(f1), "n": len(em)}
-
-
-def record_exact_match(record: dict) -> float:
-    """Exact match of one prediction record (``prediction``, ``answers``, ``answers_are_regex``): a regex
-    match for regex answers (CuratedTREC-style), normalised exact match otherwise."""
-    match = regex_match if record.get("answers_are_regex") else exact_match
-    return match(record["prediction"], record["answers"])

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from rag.errors import RagError
 from rag.generation.context import build_context_inputs, build_labels
 from rag.generation.decoding import DECODERS, rag_generate
 from rag.generation.generator import Generator
@@ -88,7 +89,7 @@ class Explanation:
     token_posteriors: torch.Tensor  # (T, K)
 
 
-class RagModelError(ValueError):
+class RagModelError(RagError, ValueError):
     """A RagModel built or called with parts or options that do not fit together; the message says the fix."""
 
 
@@ -122,6 +123,33 @@ class RagAnswer:
     doc_posteriors: list[float] = field(default_factory=list)
 
 
+def _retriever_mode(retriever: Retriever | None, mode: str | None, train_query_encoder: bool | None) -> str:
+    """The retriever mode a model runs in: ``mode`` when given (checked), else read off the retriever."""
+    if mode is None:
+        if retriever is None:
+            return "none"
+        if isinstance(retriever, GoldRetriever):
+            return "gold"
+        if isinstance(retriever, BM25Retriever):
+            return "bm25"
+        if isinstance(retriever, DenseRetriever):
+            return "frozen" if train_query_encoder is False else "learned"
+        raise RagModelError(
+            f"retriever must be a DenseRetriever, BM25Retriever, GoldRetriever or None, got {type(retriever).__name__}"
+        )
+    if mode not in RETRIEVER_MODES:
+        raise RagModelError(f"retriever_mode must be one of {RETRIEVER_MODES}, got {mode!r}")
+    if (
+        train_query_encoder is not None
+        and mode in ("learned", "frozen")
+        and (mode == "learned") != train_query_encoder
+    ):
+        raise RagModelError(
+            f"retriever_mode={mode!r} contradicts train_query_encoder={train_query_encoder}: give one of them"
+        )
+    return mode
+
+
 def _question_texts(questions: Sequence[Question | str]) -> list[str]:
     if isinstance(questions, (str, Question)):
         raise RagModelError("pass a list of questions (one per batch element), not a single question")
@@ -140,10 +168,14 @@ class RagModel(nn.Module):
     Args:
         generator: the seq2seq generator p(y|x,z).
         query_encoder: q(x); required by the ``learned`` and ``frozen`` modes, ignored otherwise.
-        retriever: a :class:`DenseRetriever` (``learned`` / ``frozen``) or :class:`BM25Retriever` (``bm25``);
-            None for ``none``. Held as a plain attribute (not a submodule): never in the state dict.
+        retriever: a :class:`DenseRetriever`, :class:`BM25Retriever` or :class:`GoldRetriever`; None for a
+            closed-book model. Held as a plain attribute (not a submodule): never in the state dict.
         head: ``token`` (RAG-Token) or ``sequence`` (RAG-Sequence) marginalisation of the training loss.
-        retriever_mode: ``learned`` | ``frozen`` | ``bm25`` | ``none`` (module docstring).
+        train_query_encoder: with a dense retriever, whether q(x) is trained (``learned``, the paper) or kept
+            frozen (``frozen``, Table 6); None: trained.
+        retriever_mode: ``learned`` | ``frozen`` | ``bm25`` | ``gold`` | ``none`` (module docstring); None
+            (the default): read off the retriever's type and ``train_query_encoder``. When given, the
+            retriever must be of the kind it names.
         n_docs: K, documents per question in training (the paper: 5 or 10).
         eval_n_docs: K in ``generate`` and evaluation; None: ``n_docs``.
         max_context_length: Lc at most for ``title / text // question`` (the passage is cut, never the
@@ -176,7 +208,8 @@ class RagModel(nn.Module):
         retriever: Retriever | None = None,
         *,
         head: Head = "token",
-        retriever_mode: RetrieverMode = "learned",
+        retriever_mode: RetrieverMode | None = None,
+        train_query_encoder: bool | None = None,
         n_docs: int = 5,
         eval_n_docs: int | None = None,
         max_context_length: int = 200,
@@ -194,8 +227,7 @@ class RagModel(nn.Module):
         super().__init__()
         if head not in HEADS:
             raise RagModelError(f"head must be one of {HEADS}, got {head!r}")
-        if retriever_mode not in RETRIEVER_MODES:
-            raise RagModelError(f"retriever_mode must be one of {RETRIEVER_MODES}, got {retriever_mode!r}")
+        retriever_mode = _retriever_mode(retriever, retriever_mode, train_query_encoder)
         if reduction not in REDUCTIONS:
             raise RagModelError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if decoder is not None and decoder not in DECODERS:

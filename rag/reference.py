@@ -20,14 +20,21 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
-from rag.atomic import sha256_file as _sha256
-from rag.atomic import write_json_atomic
+from rag.atomic import sha256_file, write_json_atomic
+from rag.errors import RagError
+from rag.weights import (
+    DELTA_WEIGHTS,
+    apply_delta,
+    check_delta_base,
+    read_delta,
+    state_delta,
+    state_fingerprint,
+    write_delta,
+)
 
 __all__ = [
     "REFERENCE_DIR",
-    "ReferenceError",
+    "ReferenceModelError",
     "check_reference",
     "load_encoder_delta",
     "load_reference_generator",
@@ -37,13 +44,11 @@ __all__ = [
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference_weights"
 MANIFEST = "MANIFEST.json"
-ENCODER_DELTA = "delta.safetensors"
-ENCODER_MANIFEST = "delta.json"
 KINDS = ("rag", "closed_book")
 RETRAIN = "python scripts/train_reference.py (see README, 'The reference model')"
 
 
-class ReferenceError(RuntimeError):
+class ReferenceModelError(RagError, RuntimeError):
     """The reference weights are missing, corrupt or do not fit the installed base model."""
 
 
@@ -56,7 +61,7 @@ def check_reference(path: str | os.PathLike | None = None) -> dict:
     root = reference_dir(path)
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
-        raise ReferenceError(
+        raise ReferenceModelError(
             f"no reference model in {root} ({MANIFEST} is missing): restore it with `git checkout -- {root}` or "
             f"train one with {RETRAIN}"
         )
@@ -64,9 +69,9 @@ def check_reference(path: str | os.PathLike | None = None) -> dict:
     for rel, digest in manifest.get("files", {}).items():
         f = root / rel
         if not f.is_file():
-            raise ReferenceError(f"reference file {f} is missing: restore it with `git checkout -- {root}`")
-        if _sha256(f) != digest:
-            raise ReferenceError(
+            raise ReferenceModelError(f"reference file {f} is missing: restore it with `git checkout -- {root}`")
+        if sha256_file(f) != digest:
+            raise ReferenceModelError(
                 f"reference file {f} is corrupt (its SHA-256 differs from {manifest_path}): restore it with "
                 f"`git checkout -- {root}` or retrain with {RETRAIN}"
             )
@@ -79,79 +84,36 @@ def check_reference(path: str | os.PathLike | None = None) -> dict:
 def save_encoder_delta(encoder, base, path: str | os.PathLike) -> dict:
     """Store the tensors of ``encoder.model`` that differ from ``base.model`` (its starting point), in float16,
     with a manifest naming the base and the encoder's pooling; atomic (written beside, then renamed)."""
-    from safetensors.torch import save_file
-
-    from rag.generation.generator import _atomic_write_dir, _state_fingerprint
-
     state = encoder.model.state_dict()
     base_state = base.model.state_dict()
     if state.keys() != base_state.keys():
-        raise ReferenceError("the encoder and its base have different parameters: not the same architecture")
-    delta = {
-        k: v.detach().cpu().to(torch.float16).contiguous()
-        for k, v in state.items()
-        if not torch.equal(v.detach().cpu().float(), base_state[k].detach().cpu().float())
+        raise ReferenceModelError("the encoder and its base have different parameters: not the same architecture")
+    manifest = {
+        "base": base.name,
+        "base_sha256": state_fingerprint(base_state),
+        "pooling": encoder.pooling,
+        "normalize": encoder.normalize,
+        "max_length": encoder.max_length,
     }
-
-    def write(tmp: Path) -> None:
-        save_file(delta, str(tmp / ENCODER_DELTA))
-        manifest = {
-            "base": base.name,
-            "base_sha256": _state_fingerprint(base_state),
-            "pooling": encoder.pooling,
-            "normalize": encoder.normalize,
-            "max_length": encoder.max_length,
-            "dtype": "float16",
-            "n_tensors": len(delta),
-            "n_params": sum(t.numel() for t in delta.values()),
-            "sha256": _sha256(tmp / ENCODER_DELTA),
-        }
-        (tmp / ENCODER_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-
-    out = _atomic_write_dir(Path(path), write)
-    return json.loads((out / ENCODER_MANIFEST).read_text())
+    return write_delta(path, state_delta(state, base_state, error=ReferenceModelError), manifest)
 
 
 def load_encoder_delta(path: str | os.PathLike, base_name_or_path: str | None = None):
     """A :class:`~rag.retrieval.encoders.QueryEncoder`: the base (default: the shipped MiniLM) plus the delta
     saved by :func:`save_encoder_delta`, after checking the file's SHA-256 and the base's fingerprint."""
-    from safetensors.torch import load_file
-
-    from rag.generation.generator import _state_fingerprint
     from rag.retrieval.encoders import MINILM_HUB_NAME, load_query_encoder
 
     path = Path(path).expanduser()
-    manifest_path = path / ENCODER_MANIFEST
-    if not manifest_path.is_file():
-        raise ReferenceError(
-            f"{path} holds no {ENCODER_MANIFEST}: not a folder written by save_encoder_delta"
-        )
-    manifest = json.loads(manifest_path.read_text())
-    weights = path / ENCODER_DELTA
-    if not weights.is_file() or _sha256(weights) != manifest["sha256"]:
-        raise ReferenceError(
-            f"{weights} is missing or its SHA-256 differs from {manifest_path}: restore it (`git checkout`)"
-        )
+    manifest, delta = read_delta(path, writer="save_encoder_delta", error=ReferenceModelError)
     encoder = load_query_encoder(
         base_name_or_path or MINILM_HUB_NAME,
         pooling=manifest["pooling"],
         normalize=manifest["normalize"],
         max_length=manifest["max_length"],
     )
-    fingerprint = _state_fingerprint(encoder.model.state_dict())
-    if fingerprint != manifest["base_sha256"]:
-        raise ReferenceError(
-            f"the delta in {path} was made against {manifest['base']!r} (fingerprint {manifest['base_sha256'][:12]}) "
-            f"but the base loaded has fingerprint {fingerprint[:12]}: install the same base model"
-        )
     params = encoder.model.state_dict()
-    with torch.no_grad():
-        for name, tensor in load_file(str(weights)).items():
-            if name not in params or params[name].shape != tensor.shape:
-                raise ReferenceError(
-                    f"{weights}: tensor {name} {tuple(tensor.shape)} does not fit the encoder"
-                )
-            params[name].copy_(tensor.to(params[name].dtype))
+    check_delta_base(path, manifest, params, fix="install the same base model", error=ReferenceModelError)
+    apply_delta(params, delta, what=str(path / DELTA_WEIGHTS), error=ReferenceModelError)
     return encoder
 
 
@@ -163,7 +125,7 @@ def load_reference_generator(kind: str = "rag", path: str | os.PathLike | None =
     from rag.generation.generator import load_delta
 
     if kind not in KINDS:
-        raise ReferenceError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise ReferenceModelError(f"kind must be one of {KINDS}, got {kind!r}")
     root = reference_dir(path)
     check_reference(root)
     return load_delta(root / kind / "generator")
@@ -179,7 +141,7 @@ def load_reference_query_encoder(path: str | os.PathLike | None = None):
 def write_manifest(root: Path, record: dict) -> dict:
     """Write ``MANIFEST.json`` with the SHA-256 of every file under ``root`` (but itself)."""
     files = {
-        str(f.relative_to(root)): _sha256(f)
+        str(f.relative_to(root)): sha256_file(f)
         for f in sorted(root.rglob("*"))
         if f.is_file() and f.name != MANIFEST
     }

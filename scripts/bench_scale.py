@@ -260,7 +260,9 @@ def stage_calibrate(args) -> dict:
 def _index_config(kind: str) -> dict:
     from omegaconf import OmegaConf
 
-    from rag.cli import CONF_DIR
+    from rag.build import conf_dir
+
+    CONF_DIR = conf_dir()
 
     cfg = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "index" / f"{kind}.yaml"))
     cfg.pop("_target_")

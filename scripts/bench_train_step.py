@@ -211,7 +211,7 @@ def share_worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from rag.cli.index import default_embeddings_dir, default_index_dir, ensure_index
+    from rag.build import default_embeddings_dir, default_index_dir, ensure_index
     from rag.data.miniwiki import load_corpus, load_questions
     from rag.generation.generator import bart_from_bert
     from rag.model import RagModel

@@ -12,7 +12,7 @@ Six rag-train runs, each in its own fixed folder under --out (default outputs/re
 3. ``rag``: experiment=miniwiki_reference_rag init_from=<reader_full> -- RAG fine-tuning, K=5, learned
    retriever;
 4.-6. ``closed_book_reader``, ``closed_book_reader_full``, ``closed_book``: the same three runs with
-   model.retriever_mode=none (the question alone), so that the closed-book baseline is trained the same way
+   retriever=none (the question alone), so that the closed-book baseline is trained the same way
    on the same questions for the same number of steps.
 
 Resumable: a finished stage (its metrics.json exists) is skipped; an unfinished one continues from its
@@ -49,18 +49,18 @@ STAGES = {
     "rag": ["experiment=miniwiki_reference_rag", "init_from={reader_full}"],
     "closed_book_reader": [
         "experiment=miniwiki_reference_reader",
-        "model.retriever_mode=none",
+        "retriever=none",
         "name=miniwiki_reference_closed_book_reader",
     ],
     "closed_book_reader_full": [
         "experiment=miniwiki_reference_reader_full",
-        "model.retriever_mode=none",
+        "retriever=none",
         "name=miniwiki_reference_closed_book_reader_full",
         "init_from={closed_book_reader}",
     ],
     "closed_book": [
         "experiment=miniwiki_reference_rag",
-        "model.retriever_mode=none",
+        "retriever=none",
         "name=miniwiki_reference_closed_book",
         "init_from={closed_book_reader_full}",
     ],
@@ -98,7 +98,7 @@ def run_stage(out: Path, stage: str, extra: list[str], continue_from: Path | Non
 
 
 def export(out: Path, target: Path, command: str, continue_from: Path | None = None) -> dict:
-    from rag.cli.train import load_checkpoint
+    from rag.build import load_checkpoint
     from rag.generation.generator import save_delta
     from rag.reference import save_encoder_delta, write_manifest
     from rag.retrieval.encoders import load_query_encoder

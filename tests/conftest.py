@@ -8,6 +8,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # idle OpenMP threads otherwise spin and starve the other process on a shared 2-core machine
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# the package's progress lines reach stderr (where tests read them) in this process and in the ones it starts
+# (torchrun workers: every rank), as they did when the package printed them; see rag.log
+os.environ.setdefault("RAG_LOG_LEVEL", "info")
+os.environ.setdefault("RAG_LOG_ALL_RANKS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -23,6 +27,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _rag_logging():
+    """The ``rag`` logger's lines on stderr at info (``rag.log.configure_logging``, from the variables above)."""
+    from rag.log import configure_logging
+
+    configure_logging()
 
 
 @pytest.fixture(autouse=True)

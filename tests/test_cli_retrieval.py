@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 from rag.cli import CONF_DIR
 from rag.cli import eval_retrieval as eval_cli
 from rag.cli import index as index_cli
+from rag.errors import ConfigError
 from rag.retrieval.bm25 import BM25Index
 from rag.retrieval.embed import corpus_checksum, open_embeddings
 from rag.retrieval.encoders import load_query_encoder
@@ -178,13 +179,13 @@ def test_config_errors_are_clear(setup, tmp_path, monkeypatch):
         composed("rag_index", ["indx=hnsw"])
     with pytest.raises(ConfigCompositionException, match="doc_encoder"):
         composed("rag_index", ["doc_encoder=no_such_encoder"])
-    with pytest.raises(index_cli.ConfigError, match="corpus.name, corpus.passages.path"):
+    with pytest.raises(ConfigError, match="corpus.name, corpus.passages.path"):
         index_cli.run(composed("rag_index", ["corpus=file"]))
-    with pytest.raises(eval_cli.ConfigError, match="no question sets"):
+    with pytest.raises(ConfigError, match="no question sets"):
         eval_cli.run(composed("eval_retrieval", tiny_overrides(setup)))
     # a 384-d MiniLM query encoder with the 32-d tiny document encoder fails before any embedding
     mismatched = [o for o in eval_overrides(setup) if not o.startswith("query_encoder")]
-    with pytest.raises(eval_cli.ConfigError, match="makes 384-d vectors, the document encoder 'tiny' 32-d"):
+    with pytest.raises(ConfigError, match="makes 384-d vectors, the document encoder 'tiny' 32-d"):
         eval_cli.run(composed("eval_retrieval", mismatched))
     assert not (tmp_path / "home" / "embeddings").exists()
 

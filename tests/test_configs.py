@@ -11,16 +11,17 @@ import pytorch_lightning as pl
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rag.cli import CONF_DIR
-from rag.cli.index import ConfigError, check_required
-from rag.cli.train import build_callbacks, build_loggers, build_model, check_overrides, instantiate
+from rag.build import build_callbacks, build_loggers, build_model, check_required, conf_dir, instantiate
+from rag.cli.app import check_overrides
 from rag.cli.train import main as train_main
 from rag.cli.train import run as train_run
 from rag.data.datamodule import RagDataModule
+from rag.errors import ConfigError
 from rag.lit_module import RagLitModule
 from rag.model import RagModel
 from rag.retrieval.retriever import BM25Retriever, DenseRetriever, GoldRetriever
 
+CONF_DIR = conf_dir()
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 NQ_FIXTURE = Path(__file__).parent / "fixtures" / "data" / "NQ-open.dev.jsonl"
 

@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from rag.retrieval import index as index_mod
+from rag.retrieval import base as index_mod
 from rag.retrieval.errors import (
     IndexCorruptError,
     IndexDeviceError,

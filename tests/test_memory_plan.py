@@ -104,7 +104,7 @@ def test_available_memory_is_a_real_figure():
 
 
 def test_rag_index_refuses_before_embedding(tmp_path, monkeypatch, capsys):
-    from rag.cli.index import ensure_index
+    from rag.build import ensure_index
     from rag.data.miniwiki import load_corpus
     from rag.model import tiny_bert_encoder
 

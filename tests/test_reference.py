@@ -10,7 +10,7 @@ import torch
 
 from rag.reference import (
     REFERENCE_DIR,
-    ReferenceError,
+    ReferenceModelError,
     check_reference,
     load_encoder_delta,
     save_encoder_delta,
@@ -52,14 +52,14 @@ def test_a_corrupt_or_foreign_encoder_delta_is_refused(tmp_path, tiny_bert):
     base = load_query_encoder(tiny_bert)
     save_encoder_delta(base, base, tmp_path / "q")
     (tmp_path / "q" / "delta.safetensors").write_bytes(b"garbage")
-    with pytest.raises(ReferenceError, match="SHA-256"):
+    with pytest.raises(ReferenceModelError, match="SHA-256"):
         load_encoder_delta(tmp_path / "q", base_name_or_path=tiny_bert)
-    with pytest.raises(ReferenceError, match="not a folder written by save_encoder_delta"):
+    with pytest.raises(ReferenceModelError, match="not a folder written by save_encoder_delta"):
         load_encoder_delta(tmp_path, base_name_or_path=tiny_bert)
 
 
 def test_check_reference_names_missing_and_corrupt_files(tmp_path):
-    with pytest.raises(ReferenceError, match="MANIFEST.json is missing"):
+    with pytest.raises(ReferenceModelError, match="MANIFEST.json is missing"):
         check_reference(tmp_path)
     (tmp_path / "rag").mkdir()
     (tmp_path / "rag" / "w.bin").write_bytes(b"weights")
@@ -67,10 +67,10 @@ def test_check_reference_names_missing_and_corrupt_files(tmp_path):
     assert record["files"] == {"rag/w.bin": record["files"]["rag/w.bin"]} and record["total_bytes"] == 7
     assert check_reference(tmp_path)["commit"] == "abc"
     (tmp_path / "rag" / "w.bin").write_bytes(b"weightz")
-    with pytest.raises(ReferenceError, match="corrupt"):
+    with pytest.raises(ReferenceModelError, match="corrupt"):
         check_reference(tmp_path)
     (tmp_path / "rag" / "w.bin").unlink()
-    with pytest.raises(ReferenceError, match="missing"):
+    with pytest.raises(ReferenceModelError, match="missing"):
         check_reference(tmp_path)
 
 
@@ -139,7 +139,8 @@ def test_rag_reference_runs_systems_and_prints_a_table_with_examples(tmp_path, c
 
 
 def test_init_from_a_reference_folder_loads_its_generator_and_query_encoder(tmp_path, tiny_bert):
-    from rag.cli.train import ConfigError, init_weights
+    from rag.build import init_weights
+    from rag.errors import ConfigError
     from rag.generation.generator import bart_from_bert, save_delta
     from rag.lit_module import RagLitModule
     from rag.model import RagModel

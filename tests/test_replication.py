@@ -144,7 +144,7 @@ def test_table1_study_then_aggregate_into_tables_plots_and_results_md(tmp_path, 
 
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text("intro\n<!-- study:table1 -->\nold table\n<!-- /study:table1 -->\noutro\n")
-    from rag.replication.aggregate import main as aggregate_main
+    from rag.cli.aggregate import main as aggregate_main
 
     aggregate_main(
         [
@@ -204,8 +204,8 @@ def test_figure3_sweep_reuses_one_search_and_recall_grows_with_k(tmp_path):
     recalls = [r["answer_recall"] for r in token]
     assert recalls == sorted(recalls)  # the first k of one ranked list: recall@k cannot fall as k grows
     # what was read at K=2 from the K=4 search is what a fresh search for K=2 returns
-    from rag.cli.train import build_model
-    from rag.replication.evaluate import compose_train_config, load_split
+    from rag.build import build_model, compose_train_config
+    from rag.replication.evaluate import load_split
 
     cfg = compose_train_config(
         "smoke", [f"runs_dir={tmp_path / 'runs'}", f"cache_dir='{tmp_path / 'cache'}'"]
@@ -288,7 +288,7 @@ def test_a_trained_system_trains_once_then_is_reused(tmp_path):
 def test_study_config_mistakes_fail_before_any_model_loads(key, value, message):
     from omegaconf import OmegaConf
 
-    from rag.cli.index import ConfigError
+    from rag.errors import ConfigError
     from rag.replication.studies import check_study
 
     cfg = OmegaConf.create({"study": OmegaConf.load(Path(__file__).parents[1] / "conf/study/hotswap.yaml")})

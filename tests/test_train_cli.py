@@ -12,9 +12,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from rag import build
 from rag.cli import CONF_DIR
 from rag.cli import evaluate as evaluate_cli
 from rag.cli import train as train_cli
+from rag.errors import ConfigError
 from rag.lit_module import score_records
 
 
@@ -80,7 +82,7 @@ def test_same_seed_gives_identical_metrics_and_weights(first_run):
 
 
 def test_resume_continues_the_step_count(first_run):
-    newest = train_cli.find_resume_checkpoint(first_run / "runs")
+    newest = build.find_resume_checkpoint(first_run / "runs")
     assert newest is not None and newest.name == "last.ckpt"
     cfg = compose_config(
         "train",
@@ -102,7 +104,7 @@ def test_resume_continues_the_step_count(first_run):
 
 def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
     cfg = compose_config("train", [*smoke_overrides(tmp_path), f"output_dir={tmp_path / 'o'}", "resume=true"])
-    with pytest.raises(train_cli.ConfigError, match="no last.ckpt or interrupted.ckpt"):
+    with pytest.raises(ConfigError, match="no last.ckpt or interrupted.ckpt"):
         train_cli.run(cfg)
 
 
@@ -147,32 +149,32 @@ def test_init_from_copies_the_weights_it_shares_and_refuses_what_does_not_fit(fi
     from rag.lit_module import RagLitModule
 
     ckpt = first_run / "runs" / "first" / "checkpoints" / "last.ckpt"
-    trained, _ = train_cli.load_checkpoint(ckpt)
+    trained, _ = build.load_checkpoint(ckpt)
     cfg = compose_config("train", smoke_overrides(first_run))
-    fresh = RagLitModule(train_cli.build_model(cfg))
+    fresh = RagLitModule(build.build_model(cfg))
     assert not all(torch.equal(v, fresh.state_dict()[k]) for k, v in trained.state_dict().items())
-    report = train_cli.init_weights(fresh, ckpt)
+    report = build.init_weights(fresh, ckpt)
     assert not report["kept"]
     for key, value in trained.state_dict().items():
         assert torch.equal(value, fresh.state_dict()[key]), key
     # a closed-book model shares the generator only: the rest of the checkpoint is ignored
     closed = RagLitModule(
-        train_cli.build_model(
+        build.build_model(
             compose_config("train", [*smoke_overrides(first_run), "model.retriever_mode=none"])
         )
     )
-    train_cli.init_weights(closed, ckpt)
+    build.init_weights(closed, ckpt)
     assert torch.equal(
         closed.model.generator.model.lm_head.weight, trained.model.generator.model.lm_head.weight
     )
     # another architecture: named, not loaded half-way
     wider = RagLitModule(
-        train_cli.build_model(compose_config("train", [*smoke_overrides(first_run), "generator.d_model=32"]))
+        build.build_model(compose_config("train", [*smoke_overrides(first_run), "generator.d_model=32"]))
     )
-    with pytest.raises(train_cli.ConfigError, match="same generator / query encoder architecture"):
-        train_cli.init_weights(wider, ckpt)
-    with pytest.raises(train_cli.ConfigError, match="is not a file"):
-        train_cli.init_weights(fresh, tmp_path / "nope.ckpt")
+    with pytest.raises(ConfigError, match="same generator / query encoder architecture"):
+        build.init_weights(wider, ckpt)
+    with pytest.raises(ConfigError, match="is not a file"):
+        build.init_weights(fresh, tmp_path / "nope.ckpt")
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(train_cli.ConfigError, match="could not be read"):
-        train_cli.init_weights(fresh, tmp_path / "bad.ckpt")
+    with pytest.raises(ConfigError, match="could not be read"):
+        build.init_weights(fresh, tmp_path / "bad.ckpt")

@@ -1,5 +1,6 @@
-"""Thin Hydra entry points. Configs live in the repository's top-level ``conf/`` folder."""
+"""Thin Hydra entry points. Configs live in the repository's top-level ``conf/`` folder; a wheel ships a
+copy as ``rag/conf`` (:func:`rag.config_dir.conf_dir` picks the one in use)."""
 
-from pathlib import Path
+from rag.config_dir import conf_dir
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = conf_dir()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 import sys
 from pathlib import Path
@@ -30,8 +31,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rag.cli.index import ConfigError, check_required, set_threads
-from rag.cli.train import checkpoint_config, hydra_entry, instantiate
+from rag.build import check_required, checkpoint_config, instantiate, set_threads
+from rag.cli.app import hydra_entry
+from rag.errors import ConfigError
 from rag.interop import (
     RAG_ARCHITECTURES,
     InteropError,
@@ -50,8 +52,7 @@ USAGE = (
 DENSE_MODES = ("learned", "frozen")
 
 
-def _log(message: str) -> None:
-    print(f"[rag-convert] {message}", file=sys.stderr, flush=True)
+log = logging.getLogger("rag.cli.convert")
 
 
 def _target_name(fn) -> str:
@@ -92,7 +93,7 @@ def run_import(cfg: DictConfig) -> dict:
     _, architecture, resolved = inspect_transformers_rag(source, check_tokenizers=True)
     saved_head = RAG_ARCHITECTURES[architecture]
     if saved_head is not None and saved_head != cfg.model.head:
-        _log(f"note: {source} was saved as {architecture} but model.head={cfg.model.head}")
+        log.info(f"note: {source} was saved as {architecture} but model.head={cfg.model.head}")
 
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("out", None)
@@ -114,7 +115,7 @@ def run_import(cfg: DictConfig) -> dict:
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     torch.save(checkpoint, tmp)
     os.replace(tmp, out)
-    _log(
+    log.info(
         f"wrote {out} ({architecture} from {resolved}; head={cfg.model.head}); evaluate: rag-evaluate ckpt_path={out}"
     )
     return {"out": str(out), "source": resolved, "architecture": architecture}
@@ -187,7 +188,7 @@ def run_export(cfg: DictConfig) -> dict:
         },
     )
     cls = "RagTokenForGeneration" if head == "token" else "RagSequenceForGeneration"
-    _log(f"wrote {out}; load it with transformers.{cls}.from_pretrained and RagTokenizer.from_pretrained")
+    log.info(f"wrote {out}; load it with transformers.{cls}.from_pretrained and RagTokenizer.from_pretrained")
     return {"out": str(out), "head": head, "n_docs": int(n_docs)}
 
 

@@ -16,39 +16,34 @@ run directory.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rag.atomic import write_text_atomic
-from rag.cli import CONF_DIR
-from rag.cli.index import (
-    ConfigError,
+from rag.build import (
     cache_dir,
     check_required,
     default_embeddings_dir,
     default_index_dir,
     ensure_index,
-    fail,
     instantiate,
-    known_errors,
     set_threads,
 )
+from rag.cli.app import hydra_entry
+from rag.errors import ConfigError
 from rag.metrics import answer_recall_at_k, gold_recall_at_k, gold_recall_counts
 from rag.retrieval.embed import EmbeddingsError, open_embeddings
 from rag.retrieval.index import recall_vs_exact
 from rag.retrieval.retriever import BM25Retriever, DenseRetriever, Retriever
 from rag.types import Question
 
-
-def _log(message: str) -> None:
-    print(f"[rag-eval-retrieval] {message}", file=sys.stderr, flush=True)
+log = logging.getLogger("rag.cli.eval_retrieval")
 
 
 def evaluate(
@@ -123,7 +118,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
             "+corpus.question_sets.dev={_target_:rag.data.qa.read_questions,path:dev.jsonl}"
         )
     for name, questions in question_sets.items():
-        _log(f"questions {name}: {len(questions):,}")
+        log.info(f"questions {name}: {len(questions):,}")
     query_encoder = instantiate(cfg.query_encoder).to(cfg.device).eval()
     embed = OmegaConf.to_container(cfg.embed, resolve=True)
 
@@ -157,7 +152,9 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
                 doc_embeds = open_embeddings(result.embeddings_dir, expected_rows=len(passages))
             except EmbeddingsError as err:
                 # the index alone still serves: its own vectors (exact for flat and hnsw) stand in
-                _log(f"stored embeddings unusable ({err}); using the vectors held by the {index.kind} index")
+                log.info(
+                    f"stored embeddings unusable ({err}); using the vectors held by the {index.kind} index"
+                )
                 doc_embeds = None
             retrievers[f"dense {name}"] = DenseRetriever(
                 result.index, passages, query_encoder, doc_embeds=doc_embeds
@@ -173,7 +170,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
             stopwords=cfg.bm25.stopwords,
             index_dir=cache_dir(cfg.cache_dir) / "indexes" / f"{cfg.corpus.name}-bm25",
         )
-        _log(f"BM25 index ready in {time.perf_counter() - start:.1f} s")
+        log.info(f"BM25 index ready in {time.perf_counter() - start:.1f} s")
     if not retrievers:
         raise ConfigError(
             "nothing to evaluate: give at least one index in `indexes` or set bm25.enabled=true"
@@ -195,7 +192,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
                 if dense:
                     row["encode_seconds"] = encode_seconds
                 rows.append({"questions": set_name, "retriever": name, **row})
-                _log(
+                log.info(
                     f"{set_name} / {name}: answer recall@{ks[-1]} {row['answer_recall'][ks[-1]]:.3f} "
                     f"({len(questions) / max(row['search_seconds'], 1e-9):.0f} questions/s search)"
                 )
@@ -207,7 +204,7 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
                     rec = recall_vs_exact(index, exact, queries, k=ks)
                     index_recall[f"{set_name}/{name}"] = rec
                     shown = " ".join(f"@{k.split('@')[1]} {v:.3f}" for k, v in rec.items() if "@" in k)
-                    _log(f"{name} recall vs exact search on the {set_name} questions: {shown}")
+                    log.info(f"{name} recall vs exact search on the {set_name} questions: {shown}")
 
     table = markdown_tables(rows, ks)
     wall = time.perf_counter() - started
@@ -226,13 +223,13 @@ def run(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     print(table)
-    _log(f"done in {wall:.0f} s on {torch.get_num_threads()} threads")
+    log.info(f"done in {wall:.0f} s on {torch.get_num_threads()} threads")
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "retrieval.md", table)
         write_text_atomic(out / "retrieval.json", json.dumps(report, indent=1, default=_json_default))
-        _log(f"wrote {out / 'retrieval.md'} and {out / 'retrieval.json'}")
+        log.info(f"wrote {out / 'retrieval.md'} and {out / 'retrieval.json'}")
     return report
 
 
@@ -246,14 +243,14 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval_retrieval")
-def main(cfg: DictConfig) -> None:
+def _run_in_hydra(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
-    try:
-        run(cfg, output_dir=HydraConfig.get().runtime.output_dir)
-    except known_errors() as err:
-        fail(err)
+    return run(cfg, output_dir=HydraConfig.get().runtime.output_dir)
+
+
+def main() -> None:
+    hydra_entry(_run_in_hydra, "eval_retrieval", "rag-eval-retrieval")
 
 
 if __name__ == "__main__":

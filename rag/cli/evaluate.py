@@ -16,24 +16,23 @@ index and corpus re-attached from it. Writes to the run folder:
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from rag.atomic import write_json_atomic
-from rag.cli.index import ConfigError, check_required, set_threads
-from rag.cli.train import hydra_entry, instantiate, load_checkpoint
-from rag.data.corpus import write_jsonl
-from rag.lit_module import score_records
+from rag.build import check_required, instantiate, load_checkpoint, set_threads
+from rag.cli.app import hydra_entry
+from rag.errors import ConfigError
+from rag.evaluation import score_records, write_predictions
 
 CONFIG_NAME = "evaluate"
 SPLITS = ("train", "val", "test")
 
 
-def _log(message: str) -> None:
-    print(f"[rag-evaluate] {message}", file=sys.stderr, flush=True)
+log = logging.getLogger("rag.cli.evaluate")
 
 
 def _training_overrides(cfg: DictConfig) -> dict:
@@ -76,7 +75,7 @@ def run(cfg: DictConfig) -> dict:
     datamodule = instantiate(train_cfg.data)
     loader = datamodule.loader(cfg.split)
     model = module.model
-    _log(
+    log.info(
         f"{len(loader.dataset):,} {cfg.split} questions ({', '.join(datamodule.set_names(cfg.split))}); "
         f"n_docs={model.eval_n_docs or model.n_docs}, decoder={model.default_decoder()}, "
         f"generation={model.generation}"
@@ -95,7 +94,7 @@ def run(cfg: DictConfig) -> dict:
     ks = list(cfg.recall_ks) if cfg.recall_ks else module.recall_ks
     metrics = score_records(records, ks)
     output_dir = Path(cfg.output_dir)
-    write_jsonl(output_dir / "predictions.jsonl", records)
+    write_predictions(output_dir / "predictions.jsonl", records)
     report = {
         "checkpoint": str(cfg.ckpt_path),
         "split": cfg.split,
@@ -109,7 +108,7 @@ def run(cfg: DictConfig) -> dict:
     }
     write_json_atomic(output_dir / "metrics.json", report)
     print(markdown_table(metrics))
-    _log(f"wrote {output_dir / 'predictions.jsonl'} and {output_dir / 'metrics.json'}")
+    log.info(f"wrote {output_dir / 'predictions.jsonl'} and {output_dir / 'metrics.json'}")
     return report
 
 

@@ -19,29 +19,25 @@ decoder: RAG-Token greedily, RAG-Sequence with thorough decoding (paper §2.5), 
 
 from __future__ import annotations
 
-import json
-import sys
+import logging
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from rag.atomic import write_text_atomic
-from rag.cli.index import ConfigError, check_required, set_threads
-from rag.cli.train import hydra_entry
+from rag.build import check_required, set_threads
+from rag.cli.app import hydra_entry
+from rag.errors import ConfigError
+from rag.evaluation import Prediction, read_predictions
 
 CONFIG_NAME = "reference"
 SPLITS = ("train", "val", "test")
 
 
-def _log(message: str) -> None:
-    print(f"[rag-reference] {message}", file=sys.stderr, flush=True)
+log = logging.getLogger("rag.cli.reference")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def examples_text(by_system: dict[str, list[dict]], n: int, seed: int, passages_shown: int = 2) -> str:
+def examples_text(by_system: dict[str, list[Prediction]], n: int, seed: int, passages_shown: int = 2) -> str:
     """A few questions (a seeded draw) with every system's answer and the RAG passages they came from."""
     import random
 
@@ -50,17 +46,17 @@ def examples_text(by_system: dict[str, list[dict]], n: int, seed: int, passages_
     out = []
     for i in picks:
         r = first[i]
-        out.append(f"Q: {r['question']}\n   gold: {' | '.join(r['answers'][:3])}")
+        out.append(f"Q: {r.question}\n   gold: {' | '.join(r.answers[:3])}")
         for name, records in by_system.items():
-            out.append(f"   {name:>13}: {records[i]['prediction']!r}")
-        rag = next((recs[i] for recs in by_system.values() if recs[i]["passages"]), None)
+            out.append(f"   {name:>13}: {records[i].prediction!r}")
+        rag = next((recs[i] for recs in by_system.values() if recs[i].passages), None)
         if rag is not None:
-            order = sorted(range(len(rag["passages"])), key=lambda j: -rag["passages"][j]["posterior"])
+            order = sorted(range(len(rag.passages)), key=lambda j: -rag.passages[j].posterior)
             for j in order[:passages_shown]:
-                p = rag["passages"][j]
-                text = p["text"] if len(p["text"]) <= 160 else p["text"][:157] + "..."
+                p = rag.passages[j]
+                text = p.text if len(p.text) <= 160 else p.text[:157] + "..."
                 out.append(
-                    f"     p(z|x)={p['prior']:.2f} p(z|x,y)={p['posterior']:.2f}  [{p['title']}] {text}"
+                    f"     p(z|x)={p.prior:.2f} p(z|x,y)={p.posterior:.2f}  [{p.title}] {text}"
                 )
         out.append("")
     return "\n".join(out)
@@ -99,7 +95,8 @@ def run(cfg: DictConfig) -> dict:
     result = run_study(study_cfg, command_line("rag-reference"), extra={"reference": reference})
     output_dir = Path(cfg.output_dir)
     by_system = {
-        row["system"]: read_jsonl(output_dir / f"predictions-{row['system']}.jsonl") for row in result["rows"]
+        row["system"]: read_predictions(output_dir / f"predictions-{row['system']}.jsonl")
+        for row in result["rows"]
     }
     examples = examples_text(by_system, int(cfg.examples), int(cfg.seed))
     header = (

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from rag.cli.index import check_required, set_threads
-from rag.cli.train import hydra_entry
+from rag.build import check_required, set_threads
+from rag.cli.app import hydra_entry
 
 CONFIG_NAME = "replicate"
 

@@ -29,8 +29,8 @@ import fcntl
 import hashlib
 import itertools
 import json
+import logging
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -65,8 +65,7 @@ class ArrowCorpusError(DataError, ValueError):
     """An Arrow passage directory that is unfinished, damaged, or converted from another source."""
 
 
-def _log(message: str) -> None:
-    print(f"[rag.arrow] {message}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 def _passage_line(pid: str, title: str, text: str) -> bytes:
@@ -280,9 +279,9 @@ def _convert(source: Path, out: Path, record: dict, rows_per_part: int, show_pro
             path.unlink(missing_ok=True)
     done = parts[-1]["end"] if parts else 0
     if done:
-        _log(f"resuming the conversion of {source} after {done:,} passages ({len(parts)} finished parts)")
+        log.info(f"resuming the conversion of {source} after {done:,} passages ({len(parts)} finished parts)")
     else:
-        _log(f"converting {source} ({record['bytes'] / 1e9:.2f} GB, {record['format']}) into {out}")
+        log.info(f"converting {source} ({record['bytes'] / 1e9:.2f} GB, {record['format']}) into {out}")
     started = time.perf_counter()
     passages = iter_passages(
         source,
@@ -325,13 +324,13 @@ def _convert(source: Path, out: Path, record: dict, rows_per_part: int, show_pro
         raise ArrowCorpusError(f"{source} holds no passages: nothing to convert")
     _finish(out, parts, record)
     seconds = time.perf_counter() - started
-    _log(f"converted {parts[-1]['end']:,} passages in {seconds:.0f} s into {out}")
+    log.info(f"converted {parts[-1]['end']:,} passages in {seconds:.0f} s into {out}")
 
 
 def _progress(show: bool, part: dict, position: int, done: int, started: float) -> None:
     if show:
         rate = (position - done) / max(time.perf_counter() - started, 1e-9)
-        _log(f"part {part['part']} finished: {position:,} passages so far ({rate:,.0f} passages/s)")
+        log.info(f"part {part['part']} finished: {position:,} passages so far ({rate:,.0f} passages/s)")
 
 
 def _finish(out: Path, parts: list[dict], record: dict) -> None:
@@ -387,7 +386,7 @@ def _read_manifest(directory: Path) -> dict:
         raise ArrowCorpusError(
             f"{directory} is not a finished Arrow corpus (no {MANIFEST_NAME})"
             + (
-                ": its conversion was interrupted; run convert_passages (python -m rag.data.arrow) again to "
+                ": its conversion was interrupted; run rag-convert-passages (or convert_passages) again to "
                 "resume it"
                 if unfinished
                 else ": convert a passage file into it first (rag.data.arrow.convert_passages)"
@@ -612,36 +611,3 @@ def load_passages(
         split_overlap=split_overlap,
         rows_per_part=rows_per_part,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m rag.data.arrow SOURCE OUT_DIR``: convert a passage file into an Arrow corpus."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m rag.data.arrow", description=main.__doc__)
-    parser.add_argument("source", help="passage file: psgs_w100.tsv, JSONL, ... (gzip or not)")
-    parser.add_argument("out_dir", help="directory for the Arrow files (created; resumes an interrupted run)")
-    parser.add_argument("--format", default="auto")
-    parser.add_argument("--rows-per-part", type=int, default=1_000_000)
-    parser.add_argument("--split-words", type=int, default=None)
-    parser.add_argument("--lenient", action="store_true", help="skip malformed rows with a warning")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        passages = convert_passages(
-            args.source,
-            args.out_dir,
-            format=args.format,
-            strict=not args.lenient,
-            split_words=args.split_words,
-            rows_per_part=args.rows_per_part,
-            overwrite=args.overwrite,
-        )
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    print(f"{passages!r}: checksum {passages.corpus_checksum}")
-
-
-if __name__ == "__main__":
-    main()

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from rag.errors import RagError
 from rag.types import Passage, Question
 
 __all__ = [
@@ -47,7 +48,7 @@ DEFAULT_MAX_CONTEXT_LENGTH = 200
 DEFAULT_MAX_TARGET_LENGTH = 32
 
 
-class ContextError(ValueError):
+class ContextError(RagError, ValueError):
     """Bad input to the generator-input builders."""
 
 

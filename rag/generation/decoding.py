@@ -54,6 +54,7 @@ from transformers import (
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
+from rag.errors import RagError
 from rag.generation.marginalize import target_scored_mask
 
 Decoder = Literal["token_greedy", "token_beam", "sequence_thorough", "sequence_fast"]
@@ -62,7 +63,7 @@ DECODERS: tuple[str, ...] = ("token_greedy", "token_beam", "sequence_thorough", 
 _NEG = -1.0e9  # "impossible" score used by transformers' beam search; kept identical so rankings match
 
 
-class DecodingError(ValueError):
+class DecodingError(RagError, ValueError):
     """Bad inputs or settings for a RAG decoder."""
 
 

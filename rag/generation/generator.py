@@ -34,11 +34,7 @@ produces the right labels for all three.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -46,9 +42,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from rag.atomic import sha256_file
+from rag.atomic import atomic_dir
+from rag.errors import RagError
+from rag.weights import (
+    DELTA_MANIFEST,
+    DELTA_WEIGHTS,
+    apply_delta,
+    check_delta_base,
+    read_delta,
+    state_delta,
+    state_fingerprint,
+    write_delta,
+)
 
 __all__ = [
+    "DELTA_MANIFEST",
+    "DELTA_WEIGHTS",
     "DeltaCheckpointError",
     "Generator",
     "GeneratorConfigError",
@@ -59,7 +68,10 @@ __all__ = [
     "default_bert_path",
     "load_delta",
     "load_generator",
+    "quiet_transformers",
     "save_delta",
+    "set_layer_norm_eps",
+    "wrap_model",
 ]
 
 #: Name stored in configs and delta manifests for the shipped all-MiniLM-L6-v2 (its folder differs between
@@ -71,14 +83,12 @@ BERT_LAYER_NORM_EPS = 1e-12
 # BartLearnedPositionalEmbedding looks up row ``position + 2`` (a fairseq legacy), so BERT's position p goes
 # to row p + 2 and rows 0 and 1 are never read.
 BART_POSITION_OFFSET = 2
-DELTA_WEIGHTS = "delta.safetensors"
-DELTA_MANIFEST = "delta.json"
 DELTA_FORMAT = 1
 # BART's generate() rejects token_type_ids, which BERT tokenizers emit by default.
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
 
 
-class GeneratorError(ValueError):
+class GeneratorError(RagError, ValueError):
     """Base class of the generator's errors."""
 
 
@@ -196,12 +206,11 @@ class Generator(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Save model and tokenizer to ``path`` atomically; :func:`load_generator` reads it back."""
-
-        def write(tmp: Path) -> None:
+        path = Path(path).expanduser().resolve()
+        with atomic_dir(path) as tmp:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-
-        return _atomic_write_dir(Path(path), write)
+        return path
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -231,13 +240,13 @@ def load_generator(
     model = AutoModelForSeq2SeqLM.from_pretrained(source, **kwargs)
     eps = getattr(model.config, "layer_norm_eps", None)
     if model.config.model_type == "bart" and eps is not None:
-        _set_layer_norm_eps(model, eps)
+        set_layer_norm_eps(model, eps)
     tok_source = (
         source if tokenizer_name_or_path is None else _resolve(tokenizer_name_or_path, what="tokenizer")
     )
     tokenizer = AutoTokenizer.from_pretrained(tok_source)
     model.eval()
-    return _wrap(model, tokenizer)
+    return wrap_model(model, tokenizer)
 
 
 def build_tiny_bart(
@@ -298,7 +307,7 @@ def build_tiny_bart(
     )
     model = _new_bart(config, seed)
     _fit_tokenizer(tokenizer)
-    return _wrap(model, tokenizer)
+    return wrap_model(model, tokenizer)
 
 
 # ---------------------------------------------------------------------------------- BART from a BERT
@@ -365,7 +374,7 @@ def bart_from_bert(
                 layer.encoder_attn.load_state_dict(layer.self_attn.state_dict())
                 layer.encoder_attn_layer_norm.load_state_dict(layer.self_attn_layer_norm.state_dict())
     _fit_tokenizer(tokenizer)
-    return _wrap(model, tokenizer)
+    return wrap_model(model, tokenizer)
 
 
 CROSS_ATTENTION_INITS = ("fresh", "self")
@@ -389,7 +398,7 @@ def _load_bert(bert_name_or_path):
         raise GeneratorConfigError(
             f"{source} uses {config.position_embedding_type!r} position embeddings; BART has absolute ones"
         )
-    with _quiet_transformers():  # the BERT's pooler / MLM head are expected to go unused
+    with quiet_transformers():  # the BERT's pooler / MLM head are expected to go unused
         bert = AutoModel.from_pretrained(source, add_pooling_layer=False)
     tokenizer = AutoTokenizer.from_pretrained(source)
     return bert, tokenizer, base_name
@@ -489,11 +498,13 @@ def _new_bart(config, seed: int):
         model = BartForConditionalGeneration(config)
     eps = getattr(config, "layer_norm_eps", None)
     if eps is not None:
-        _set_layer_norm_eps(model, eps)
+        set_layer_norm_eps(model, eps)
     return model.eval()
 
 
-def _set_layer_norm_eps(model: nn.Module, eps: float) -> None:
+def set_layer_norm_eps(model: nn.Module, eps: float) -> None:
+    """Set the epsilon of every LayerNorm of ``model`` (BART's modules hard-code 1e-5; a BERT-made BART needs
+    BERT's)."""
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):
             module.eps = eps
@@ -510,8 +521,6 @@ def save_delta(generator: Generator, path: str | os.PathLike, *, bert_name_or_pa
     fingerprint, the SHA-256 of the weights file), atomically. :func:`load_delta` rebuilds the model from
     the same base plus the delta. Returns the manifest.
     """
-    from safetensors.torch import save_file
-
     info = getattr(generator.config, "init_from_bert", None)
     if not info:
         raise DeltaCheckpointError(
@@ -520,41 +529,21 @@ def save_delta(generator: Generator, path: str | os.PathLike, *, bert_name_or_pa
         )
     bert, _, base_name = _load_bert(_base_source(info["base"], bert_name_or_path))
     reference = _bert_to_bart_state(bert.state_dict(), generator.config)
-    state = generator.model.state_dict()
-    # tied tensors (lm_head, embed_tokens -> model.shared) appear under several names: keep one per storage,
-    # preferring the name the BERT initialises
-    canonical: dict[int, str] = {}
-    for name, tensor in state.items():
-        ptr = tensor.data_ptr()
-        if ptr not in canonical or (name in reference and canonical[ptr] not in reference):
-            canonical[ptr] = name
-    delta: dict[str, torch.Tensor] = {}
-    for name in sorted(set(canonical.values())):
-        tensor = state[name].detach().cpu()
-        if name in reference and torch.equal(tensor.float(), reference[name].float()):
-            continue
-        half = tensor.to(torch.float16).contiguous()
-        if not torch.isfinite(half).all():
-            raise DeltaCheckpointError(f"{name} overflows float16 (max |x| = {tensor.abs().max():.3g})")
-        delta[name] = half
-
-    def write(tmp: Path) -> None:
-        save_file(delta, str(tmp / DELTA_WEIGHTS), metadata={"format": str(DELTA_FORMAT)})
-        manifest = {
-            "format": DELTA_FORMAT,
-            "base": base_name,
-            "base_sha256": _state_fingerprint(bert.state_dict()),
-            "dtype": "float16",
-            "sha256": sha256_file(tmp / DELTA_WEIGHTS),
-            "n_tensors": len(delta),
-            "n_params": sum(t.numel() for t in delta.values()),
-            "config": generator.config.to_dict(),
-        }
-        (tmp / DELTA_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        generator.tokenizer.save_pretrained(tmp)
-
-    out = _atomic_write_dir(Path(path), write)
-    return json.loads((out / DELTA_MANIFEST).read_text())
+    # tied tensors (lm_head, embed_tokens -> model.shared) are stored once, under the name the BERT initialises
+    delta = state_delta(generator.model.state_dict(), reference, error=DeltaCheckpointError)
+    manifest = {
+        "format": DELTA_FORMAT,
+        "base": base_name,
+        "base_sha256": state_fingerprint(bert.state_dict()),
+        "config": generator.config.to_dict(),
+    }
+    return write_delta(
+        Path(path).expanduser().resolve(),
+        delta,
+        manifest,
+        metadata={"format": str(DELTA_FORMAT)},
+        extra=generator.tokenizer.save_pretrained,
+    )
 
 
 def load_delta(path: str | os.PathLike, *, bert_name_or_path=None) -> Generator:
@@ -562,47 +551,21 @@ def load_delta(path: str | os.PathLike, *, bert_name_or_path=None) -> Generator:
 
     Checks the weights file's SHA-256 and that the base BERT is the one the delta was made against.
     """
-    from safetensors.torch import load_file
     from transformers import AutoTokenizer, BartConfig
 
     path = Path(path)
-    manifest_path = path / DELTA_MANIFEST
-    if not manifest_path.is_file():
-        raise DeltaCheckpointError(f"{path} holds no {DELTA_MANIFEST}: not a folder written by save_delta")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != DELTA_FORMAT:
-        raise DeltaCheckpointError(
-            f"{manifest_path}: format {manifest.get('format')!r}, expected {DELTA_FORMAT}"
-        )
-    weights = path / DELTA_WEIGHTS
-    if not weights.is_file() or sha256_file(weights) != manifest["sha256"]:
-        raise DeltaCheckpointError(
-            f"{weights} is missing or its SHA-256 differs from {manifest_path}: the file is corrupt or was "
-            "changed after saving; restore it (e.g. `git checkout` / re-download)"
-        )
+    manifest, delta = read_delta(path, writer="save_delta", format=DELTA_FORMAT, error=DeltaCheckpointError)
     bert, tokenizer, _ = _load_bert(_base_source(manifest["base"], bert_name_or_path))
-    fingerprint = _state_fingerprint(bert.state_dict())
-    if fingerprint != manifest["base_sha256"]:
-        raise DeltaCheckpointError(
-            f"the delta in {path} was made against base {manifest['base']!r} (fingerprint "
-            f"{manifest['base_sha256'][:12]}), but the BERT loaded has fingerprint {fingerprint[:12]}: pass the "
-            "same base as bert_name_or_path"
-        )
+    check_delta_base(
+        path, manifest, bert.state_dict(), fix="pass the same base as bert_name_or_path", error=DeltaCheckpointError
+    )
     config = BartConfig.from_dict(manifest["config"])
     model = _bart_from_bert_state(config, bert.state_dict(), seed=0)
-    delta = load_file(str(weights))
-    params = dict(model.state_dict())
-    with torch.no_grad():
-        for name, tensor in delta.items():
-            if name not in params or params[name].shape != tensor.shape:
-                raise DeltaCheckpointError(
-                    f"{weights}: tensor {name} {tuple(tensor.shape)} does not fit the model"
-                )
-            params[name].copy_(tensor.to(params[name].dtype))
+    apply_delta(model.state_dict(), delta, what=str(path / DELTA_WEIGHTS), error=DeltaCheckpointError)
     if (path / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path)
     _fit_tokenizer(tokenizer)
-    return _wrap(model, tokenizer)
+    return wrap_model(model, tokenizer)
 
 
 def _base_source(recorded: str, override):
@@ -611,21 +574,12 @@ def _base_source(recorded: str, override):
     return None if recorded == MINILM else recorded
 
 
-def _state_fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes: identifies weights whatever file format holds them."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------- helpers
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers():
+    """Silence transformers' logging and progress bars for the block (expected warnings when loading)."""
     from transformers.utils import logging as hf_logging
 
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -723,7 +677,9 @@ def _first(x):
     return x[0] if isinstance(x, (list, tuple)) else x
 
 
-def _wrap(model, tokenizer) -> Generator:
+def wrap_model(model, tokenizer) -> Generator:
+    """A :class:`Generator` around a transformers seq2seq ``model`` and its ``tokenizer``, with the special
+    token ids read from the model's config (and checked against the tokenizer)."""
     config = model.config
     gen = getattr(model, "generation_config", None)
 
@@ -767,23 +723,3 @@ def _wrap(model, tokenizer) -> Generator:
         decoder_start_token_id=int(start),
         bos_token_id=None if bos is None else int(bos),
     )
-
-
-def _atomic_write_dir(path: Path, write) -> Path:
-    """Build the folder in a temp dir next to ``path``, then swap it in, so a crash leaves no half folder."""
-    path = path.expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path

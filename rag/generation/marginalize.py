@@ -44,6 +44,8 @@ from typing import Literal
 
 import torch
 
+from rag.errors import RagError
+
 Reduction = Literal["none", "sum", "mean", "token_mean"]
 SmoothingForm = Literal["posterior", "transformers"]
 
@@ -51,7 +53,7 @@ _REDUCTIONS = ("none", "sum", "mean", "token_mean")
 _SMOOTHING_FORMS = ("posterior", "transformers")
 
 
-class MarginalizationError(ValueError):
+class MarginalizationError(RagError, ValueError):
     """Inputs to a marginalisation function have the wrong shape, type or option value."""
 
 

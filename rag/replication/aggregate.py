@@ -1,32 +1,36 @@
-"""``rag-aggregate``: the latest run of each study -> tables (markdown, CSV) and plots (PNG), and RESULTS.md.
+"""The latest run of each study -> tables (markdown, CSV) and plots (PNG), and RESULTS.md (``rag-aggregate``).
 
-    rag-aggregate                                  # outputs/replicate -> results/, RESULTS.md's tables
-    rag-aggregate --runs outputs/replicate --out results --results-md RESULTS.md
-
-For each study the newest ``result.json`` under ``--runs/<study>/`` (or the ones given with ``--result``) is
-copied to ``results/<study>.json`` without its predictions, and rendered as ``<study>.md`` and ``<study>.csv``
+For each study the newest ``result.json`` under ``runs/<study>/`` (or the ones given as ``extra``) is
+copied to ``<out>/<study>.json`` without its predictions, and rendered as ``<study>.md`` and ``<study>.csv``
 laid out like the paper's table, with the paper's numbers beside ours where the paper has them, and
 ``<study>.png`` (Figure 3-style curves for the sweeps, bars for the others). Where the run folder holds the
 predictions, rival systems are also compared question by question (``rag.replication.paired``: discordant
 questions and the exact McNemar p-value), so a gap can be told from noise. Every table names the command,
 config and commit that made it. In ``RESULTS.md`` the text between ``<!-- study:<name> -->`` and
 ``<!-- /study:<name> -->`` is replaced by the study's table, so the document's numbers are always the runs'.
+The command line is :mod:`rag.cli.aggregate`.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
+import logging
 import re
-import sys
 import textwrap
 from pathlib import Path
 
 from rag.atomic import write_json_atomic, write_text_atomic
+from rag.errors import RagError
 from rag.replication.paired import paired_comparisons, paired_markdown
 from rag.replication.paper import paper_numbers
+
+log = logging.getLogger(__name__)
+
+
+class NoResultsError(RagError, FileNotFoundError):
+    """No ``result.json`` to aggregate: no study has been run into the folder given."""
 
 
 def _pct(value) -> str:
@@ -232,7 +236,7 @@ def latest_results(runs: Path) -> dict[str, Path]:
         try:
             result = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            print(f"[rag-aggregate] skipped {path}: {err}", file=sys.stderr)
+            log.warning(f"skipped {path}: {err}")
             continue
         study = result.get("study")
         if study and (study not in found or result.get("created", "") >= found[study][0]):
@@ -262,7 +266,7 @@ def aggregate(
     for path in extra:
         chosen[json.loads(Path(path).read_text())["study"]] = Path(path)
     if not chosen:
-        raise SystemExit(f"no result.json under {runs}/<study>/<run>/: run rag-replicate study=... first")
+        raise NoResultsError(f"no result.json under {runs}/<study>/<run>/: run rag-replicate study=... first")
     out.mkdir(parents=True, exist_ok=True)
     sections = {}
     for study, path in sorted(chosen.items()):
@@ -271,7 +275,7 @@ def aggregate(
             try:
                 result["paired"] = paired_comparisons(result, path.parent)
             except (FileNotFoundError, ValueError) as err:
-                print(f"[rag-aggregate] {study}: no paired comparisons ({err})", file=sys.stderr)
+                log.warning(f"{study}: no paired comparisons ({err})")
         write_json_atomic(out / f"{study}.json", result)
         markdown = study_markdown(result)
         write_text_atomic(out / f"{study}.md", markdown)
@@ -282,29 +286,8 @@ def aggregate(
             if png and results_md
             else ""
         )
-        print(f"[rag-aggregate] {study}: {path} -> {out}/{study}.{{json,md,csv,png}}", file=sys.stderr)
+        log.info(f"{study}: {path} -> {out}/{study}.{{json,md,csv,png}}")
     if results_md is not None and results_md.is_file():
         filled = update_results_md(results_md, sections)
-        print(
-            f"[rag-aggregate] {results_md}: tables of {', '.join(filled) or 'no study'} updated",
-            file=sys.stderr,
-        )
+        log.info(f"{results_md}: tables of {', '.join(filled) or 'no study'} updated")
     return chosen
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--runs", type=Path, default=Path("outputs/replicate"), help="rag-replicate run folders"
-    )
-    parser.add_argument("--result", type=Path, nargs="*", default=[], help="result.json files to use as well")
-    parser.add_argument("--out", type=Path, default=Path("results"))
-    parser.add_argument("--results-md", type=Path, default=Path("RESULTS.md"))
-    args = parser.parse_args(argv)
-    aggregate(args.runs, args.out, args.results_md, args.result)
-
-
-if __name__ == "__main__":
-    main()

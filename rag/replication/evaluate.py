@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from rag.cli import CONF_DIR
-from rag.lit_module import prediction_record, score_records
+from rag.evaluation import Prediction, score_records
 from rag.types import Question, RetrievalOutput
 
 
@@ -53,31 +52,14 @@ class Split:
 class Answered:
     """One system's prediction records on a split, with the time its answering took."""
 
-    records: list[dict]
+    records: list[Prediction]
     seconds: float
     metrics: dict = field(default_factory=dict)
 
 
-def compose_train_config(experiment: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """The ``rag-train`` config of ``experiment`` with ``overrides`` (as the command line would give them).
-
-    Safe to call from inside another Hydra app: the global Hydra state is cleared first.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"experiment={experiment}", *overrides])
-    # keys that name Hydra's run folder mean nothing outside a Hydra run
-    cfg.output_dir = "."
-    cfg.runs_dir = "."
-    return cfg
-
-
 def load_split(train_cfg: DictConfig, split: str, limit: int | None = None) -> Split:
     """The questions of ``split`` under a training config's data settings (first ``limit`` of each set)."""
-    from rag.cli.train import instantiate
+    from rag.build import instantiate
 
     datamodule = instantiate(train_cfg.data, **{f"limit_{split}": limit})
     return Split(list(datamodule.sets[split].rows))
@@ -124,7 +106,7 @@ def answer_all(
             f"retrievals holds {len(retrievals)} batches but the split makes {n_batches} batches of "
             f"{batch_size}: retrieve with the same batch_size"
         )
-    records: list[dict] = []
+    records: list[Prediction] = []
     started = time.perf_counter()
     with tqdm(total=len(questions), desc=desc, unit="q", file=sys.stderr) as bar:
         for b, start in enumerate(range(0, len(questions), batch_size)):
@@ -132,7 +114,7 @@ def answer_all(
             retrieval = None if retrievals is None else retrievals[b]
             answers = model.generate(questions[chunk], decoder=decoder, n_docs=n_docs, retrieval=retrieval)
             records.extend(
-                prediction_record(q, a, d, i)
+                Prediction.from_answer(q, a, d, i)
                 for q, a, d, i in zip(questions[chunk], answers, split.datasets[chunk], split.indices[chunk])
             )
             bar.update(len(answers))

@@ -15,12 +15,11 @@ for sweeps); hot-swap studies are not paired (their rows are different indexes, 
 
 from __future__ import annotations
 
-import json
 import math
 from itertools import combinations
 from pathlib import Path
 
-from rag.metrics import record_exact_match
+from rag.evaluation import read_predictions
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
@@ -34,30 +33,9 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
-def record_correct(record: dict) -> bool:
-    """Whether one prediction record is an exact match (regex match for regex answers)."""
-    return bool(record_exact_match(record))
-
-
-def _key(record: dict) -> tuple:
-    return (record.get("dataset", ""), record.get("index", -1), record["id"])
-
-
 def load_correct(path: Path) -> dict[tuple, bool]:
     """{(dataset, index, id): exact match} of a predictions JSONL file."""
-    out: dict[tuple, bool] = {}
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                out[_key(record)] = record_correct(record)
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(
-                    f"{path}:{line_no}: not a prediction record ({err}); rerun the study that wrote it"
-                ) from None
-    return out
+    return {p.key: bool(p.exact_match()) for p in read_predictions(path)}
 
 
 def compare(a: dict[tuple, bool], b: dict[tuple, bool]) -> dict:

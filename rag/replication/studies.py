@@ -17,19 +17,19 @@ folder under ``train_root/<study>/<run>`` and loaded from its last checkpoint. S
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from rag.atomic import write_json_atomic, write_text_atomic
-from rag.cli.index import ConfigError
-from rag.data.corpus import write_jsonl
+from rag.build import compose_train_config
+from rag.errors import ConfigError
+from rag.evaluation import score_records, write_predictions
 from rag.replication.evaluate import (
     Split,
     answer_all,
-    compose_train_config,
     load_split,
     peak_rss_mb,
     retrieve_all,
@@ -41,8 +41,7 @@ INDEX_VARIANTS = ("full", "minus_test_gold", "other_dataset", "extended")
 SYSTEM_KEYS = {"label", "experiment", "overrides", "train", "run", "decoder", "n_docs", "generation", "meta"}
 
 
-def _log(message: str) -> None:
-    print(f"[rag-replicate] {message}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ systems
@@ -115,7 +114,7 @@ class ModelCache:
         cfg = self.cfg
         overrides = list(system.get("overrides") or [])
         if system.get("train"):
-            from rag.cli.train import load_checkpoint
+            from rag.build import load_checkpoint
             from rag.replication.training import train_run
 
             folder = Path(cfg.train_root).expanduser() / cfg.study.name / system.run
@@ -131,10 +130,10 @@ class ModelCache:
             model = module.model.eval()
             self.info[key] = {"source": "trained", "run_dir": str(folder), "overrides": train_overrides}
         else:
-            from rag.cli.train import build_model
+            from rag.build import build_model
 
             train_cfg = compose_train_config(system.experiment, [*overrides, *self._eval_overrides()])
-            _log(f"building {system.experiment} ({train_cfg.model.retriever_mode} retrieval)")
+            log.info(f"building {system.experiment} ({train_cfg.model.retriever_mode} retrieval)")
             model = build_model(train_cfg).eval()
             self.info[key] = {
                 "source": "experiment weights",
@@ -225,11 +224,11 @@ def run_systems(cfg: DictConfig, models: ModelCache, out: Path) -> list[dict]:
             else _retrievals(searches, model_key(system), model, split, k, int(cfg.batch_size))
         )
         answered = _answer(model, split, system, k, cfg, f"{name} ({system.decoder})", retrievals)
-        write_jsonl(out / f"predictions-{name}.jsonl", answered.records)
+        write_predictions(out / f"predictions-{name}.jsonl", answered.records)
         rows.append(
             _row(study, name, system, model, train_cfg, answered, split, n_docs=k, search_seconds=search_s)
         )
-        _log(
+        log.info(
             f"{name}: EM {100 * answered.metrics['em']:.1f}, F1 {100 * answered.metrics['f1']:.1f} "
             f"in {answered.seconds:.0f} s"
         )
@@ -251,9 +250,9 @@ def run_sweep(cfg: DictConfig, models: ModelCache, out: Path) -> list[dict]:
             answered = _answer(
                 model, split, system, k, cfg, f"{name} K={k}", [r.top(k) for r in retrievals], recall_ks=[k]
             )
-            write_jsonl(out / f"predictions-{name}-k{k}.jsonl", answered.records)
+            write_predictions(out / f"predictions-{name}-k{k}.jsonl", answered.records)
             rows.append(_row(study, name, system, model, train_cfg, answered, split, n_docs=k))
-            _log(
+            log.info(
                 f"{name} K={k}: EM {100 * answered.metrics['em']:.1f}, answer recall@{k} "
                 f"{100 * answered.metrics.get(f'answer_recall@{k}', float('nan')):.1f}"
             )
@@ -270,7 +269,7 @@ def _passage_source(passage_id: str) -> str:
 
 def index_variants(model, split: Split, variants, sources: dict, doc_encoder_cfg) -> dict:
     """{variant: {set name or "": retriever}} for the hot-swap study (see the module docstring)."""
-    from rag.cli.train import instantiate
+    from rag.build import instantiate
     from rag.retrieval.retriever import DenseRetriever
 
     base = model.retriever
@@ -296,7 +295,7 @@ def index_variants(model, split: Split, variants, sources: dict, doc_encoder_cfg
             reduced = out.get("minus_test_gold", {}).get("") or base.subset(kept)
             new = [base.passages[i] for i in removed]
             encoder = instantiate(doc_encoder_cfg)
-            _log(f"extended: encoding the {len(new)} removed passages with {encoder.name}")
+            log.info(f"extended: encoding the {len(new)} removed passages with {encoder.name}")
             embeds = encoder.encode(([p.title for p in new], [p.text for p in new]))
             out[variant] = {"": reduced.extended(new, embeds)}
         elif variant == "other_dataset":
@@ -338,11 +337,10 @@ def run_hotswap(cfg: DictConfig, models: ModelCache, out: Path) -> list[dict]:
                     )
                     records.extend(answered.records)
                     seconds += answered.seconds
-                from rag.lit_module import score_records
                 from rag.replication.evaluate import Answered
 
                 merged = Answered(records, seconds, score_records(records, [k]))
-                write_jsonl(out / f"predictions-{name}-{variant}.jsonl", records)
+                write_predictions(out / f"predictions-{name}-{variant}.jsonl", records)
                 sizes = {s or "all": r.n_passages for s, r in retrievers.items()}
                 rows.append(
                     _row(
@@ -358,7 +356,7 @@ def run_hotswap(cfg: DictConfig, models: ModelCache, out: Path) -> list[dict]:
                         index_passages=sizes,
                     )
                 )
-                _log(f"{name} index={variant} ({sizes}): EM {100 * merged.metrics['em']:.1f}")
+                log.info(f"{name} index={variant} ({sizes}): EM {100 * merged.metrics['em']:.1f}")
         finally:
             model.retriever = original
     return rows
@@ -397,7 +395,7 @@ def run_study(cfg: DictConfig, command: str, extra: dict | None = None) -> dict:
     markdown = study_markdown(result)
     write_text_atomic(out / "result.md", markdown)
     print("\n" + markdown)
-    _log(
+    log.info(
         f"done in {result['wall_seconds']:.0f} s (peak RSS {result['peak_rss_mb']:.0f} MB); results in {out}"
     )
     return result

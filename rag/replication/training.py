@@ -9,6 +9,7 @@ and continues a finished one that is asked for more steps (``trainer.max_steps=N
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -32,8 +33,7 @@ def requested_steps(overrides: Sequence[str]) -> int | None:
     return int(steps[-1]) if steps else None
 
 
-def _log(message: str) -> None:
-    print(f"[rag-train run] {message}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 def train_run(
@@ -42,7 +42,7 @@ def train_run(
     *,
     name: str | None = None,
     test: bool = False,
-    log: Callable[[str], None] = _log,
+    log: Callable[[str], None] = log.info,
 ) -> Path:
     """Train ``rag-train <overrides>`` into ``folder`` (skip / resume / continue as the module says).
 

@@ -16,12 +16,12 @@ import json
 import logging
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from rag.atomic import atomic_dir
 from rag.retrieval.errors import (
     IndexCorruptError,
     IndexMismatchError,
@@ -126,16 +126,9 @@ class BM25Index:
         if self._bm25 is None:
             raise IndexStateError("nothing to save: build the BM25 index first")
         directory = Path(directory).expanduser()
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self._bm25.save(str(tmp), show_progress=False)
-        (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=1))
-        old = directory.with_name(f"{directory.name}.old-{os.getpid()}")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(directory) as tmp:
+            self._bm25.save(str(tmp), show_progress=False)
+            (tmp / MANIFEST).write_text(json.dumps(self.manifest(), indent=1))
         return directory
 
     @classmethod

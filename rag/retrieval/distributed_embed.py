@@ -16,14 +16,14 @@ job resumes where it stopped, with any number of devices.
 Launch (every rank runs the same command; Lightning reads the rank from the launcher's environment)::
 
     # one machine, 8 GPUs (Lightning starts the 8 processes itself)
-    python -m rag.retrieval.distributed_embed corpus=file corpus.name=wiki18 \\
+    python -m rag.cli.embed corpus=file corpus.name=wiki18 \\
         corpus.passages._target_=rag.data.arrow.load_passages corpus.passages.path=psgs_w100.tsv \\
         doc_encoder=dpr_nq embed.batch_size=512 trainer.devices=8 trainer.precision=bf16-mixed
     # or through torchrun, 2 machines x 8 GPUs (run on each machine, NODE_RANK 0 and 1)
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 \\
         -m rag.retrieval.distributed_embed ... trainer.devices=8 trainer.num_nodes=2
     # or SLURM: #SBATCH --nodes=2 --ntasks-per-node=8 --gpus-per-node=8, then
-    srun python -m rag.retrieval.distributed_embed ... trainer.devices=8 trainer.num_nodes=2
+    srun python -m rag.cli.embed ... trainer.devices=8 trainer.num_nodes=2
 
 then ``rag-index`` with the same corpus / doc_encoder / embed settings finds the embeddings done and builds
 the index.
@@ -31,9 +31,9 @@ the index.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -69,8 +69,7 @@ from rag.types import Passage
 __all__ = ["DistributedEmbedReport", "EmbeddingsWriter", "embed_corpus_distributed"]
 
 
-def _log(message: str) -> None:
-    print(f"[rag.embed] {message}", file=sys.stderr, flush=True)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -384,68 +383,9 @@ def embed_corpus_distributed(
     pl_trainer.strategy.barrier("rag-embed-merged")
     report.seconds = time.perf_counter() - started
     n = sum(hi - lo for lo, hi in report.computed)
-    _log(
+    log.info(
         f"rank {report.rank}/{report.world_size}: embedded {n:,} passages in {len(report.computed)} files, "
         f"{len(report.skipped)} files were done already ({report.seconds:.1f} s)"
         + ("; the corpus is complete" if report.complete else "")
     )
     return report
-
-
-# ---------------------------------------------------------------------------------------------- command line
-
-#: ``conf/rag_index.yaml`` (corpus, doc_encoder, embed, cache_dir) plus the Trainer's device settings
-CONFIG = {
-    "defaults": ["rag_index", "_self_"],
-    "trainer": {
-        "accelerator": "auto",
-        "devices": "auto",
-        "num_nodes": 1,
-        "strategy": "auto",
-        "precision": "32-true",
-    },
-    "consolidate": True,
-}
-
-
-def run(cfg) -> DistributedEmbedReport:
-    """Embed the configured corpus with the configured document encoder on every device of the run."""
-    from omegaconf import OmegaConf
-
-    from rag.cli.index import check_required, default_embeddings_dir, instantiate, set_threads
-
-    check_required(cfg)
-    set_threads(cfg.threads)
-    passages = instantiate(cfg.corpus.passages)
-    encoder = instantiate(cfg.doc_encoder)
-    embed = OmegaConf.to_container(cfg.embed, resolve=True)
-    out = cfg.embeddings_dir or default_embeddings_dir(
-        cfg.cache_dir, cfg.corpus.name, encoder, embed["dtype"]
-    )
-    return embed_corpus_distributed(
-        encoder,
-        passages,
-        out,
-        batch_size=embed["batch_size"],
-        dtype=embed["dtype"],
-        rows_per_file=embed["rows_per_file"],
-        shard=embed["shard"],
-        num_shards=embed["num_shards"],
-        overwrite=embed["overwrite"],
-        consolidate=cfg.consolidate,
-        trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
-        show_progress=embed.get("show_progress", True),
-    )
-
-
-def main() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    from rag.cli.train import hydra_entry
-
-    ConfigStore.instance().store(name="distributed_embed", node=CONFIG)
-    hydra_entry(run, "distributed_embed", "python -m rag.retrieval.distributed_embed")
-
-
-if __name__ == "__main__":
-    main()

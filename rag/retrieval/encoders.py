@@ -20,7 +20,6 @@ follows the caller's grad mode, so a training step can backprop through it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rag.retrieval.errors import RetrievalError
+from rag.weights import state_fingerprint
 
 Pooling = Literal["cls", "mean"]
 POOLINGS = ("cls", "mean")
@@ -235,13 +235,8 @@ class BertEncoder(nn.Module):
         return next(self.model.parameters()).device
 
     def weights_checksum(self) -> str:
-        """SHA-256 over the weights (names, dtypes, shapes, bytes): identifies the encoder in manifests."""
-        digest = hashlib.sha256()
-        for key, tensor in sorted(self.model.state_dict().items()):
-            tensor = tensor.detach().cpu().contiguous()
-            digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-        return digest.hexdigest()
+        """SHA-256 over the weights (:func:`rag.weights.state_fingerprint`): identifies the encoder in manifests."""
+        return state_fingerprint(self.model.state_dict())
 
     def settings(self) -> dict:
         """What besides the weights decides the vectors (recorded next to stored embeddings)."""

@@ -7,12 +7,13 @@ At paper scale the choice of index is a memory decision. For DPR's 21,015,324 pa
 - ``hnsw_sq8`` keeps 8-bit codes instead, D + ~8M bytes each (M=32: 21.9 GB);
 - ``ivfpq`` keeps ``pq_m`` code bytes and an 8-byte id each (pq_m=64: 1.5 GB).
 
-:func:`plan_index_memory` prints that table for the N, D and index parameters at hand, next to the memory this
-machine has available, and :meth:`MemoryPlan.check` refuses a build that cannot fit, naming the kinds that
-do. The figures come from each kind's own ``estimate_memory_bytes`` (within a few percent of faiss' real
-allocation, checked in tests/test_index.py) plus what a build holds beside the index: one float32 block of
-``chunk_rows`` vectors (two for float16 embeddings, which are converted block by block), the training sample
-of the quantised kinds, and the recall check's score block.
+:func:`plan_index_memory` makes that table for the N, D and index parameters at hand, next to the memory this
+machine has available (:func:`log_plan` logs it), and :meth:`MemoryPlan.check` refuses a build that cannot
+fit, naming the kinds that do. The figures come from each kind itself (:meth:`DenseIndex.memory_estimate
+<rag.retrieval.base.DenseIndex.memory_estimate>`, within a few percent of faiss' real allocation, checked in
+tests/test_index.py), which adds what a build holds beside the index: one float32 block of ``chunk_rows``
+vectors (two for float16 embeddings, which are converted block by block), the training sample of the
+quantised kinds, and the recall check's score block.
 
 Loading for search (training, evaluation) needs the index bytes once per process, unless the index is read
 memory-mapped (``DenseIndex.load(..., mmap=True)``): then the vectors / codes live in the page cache, shared
@@ -21,33 +22,27 @@ by every process of the node, and only the HNSW graph links are private to each 
 
 from __future__ import annotations
 
-import inspect
+import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rag.retrieval.base import INDEX_KINDS, kind_class
 from rag.retrieval.errors import RetrievalError
-from rag.retrieval.index import (
-    DEFAULT_CHUNK_ROWS,
-    SCORE_BUDGET_BYTES,
-    HNSWIndex,
-    IVFPQIndex,
-    estimate_memory_bytes,
-)
 
 __all__ = [
     "IndexMemoryError",
     "KindEstimate",
     "MemoryPlan",
     "available_memory_bytes",
+    "log_plan",
     "plan_for_index",
     "plan_index_memory",
+    "print_plan",
 ]
 
-#: kinds in the order a refusal recommends them: the most accurate that fits comes first
-KINDS = ("flat", "hnsw", "hnsw_sq8", "ivfpq")
-PREFERENCE = ("hnsw", "hnsw_sq8", "ivfpq", "flat")
+log = logging.getLogger(__name__)
+
 #: a build may use this share of the available memory; the rest is for the process itself and the OS
 DEFAULT_HEADROOM = 0.9
 #: set to 0 to build even when the plan says the index will not fit (the estimate may be pessimistic)
@@ -141,8 +136,7 @@ class MemoryPlan:
 
     def fitting_kinds(self) -> list[KindEstimate]:
         """Kinds that fit, most accurate first (hnsw, hnsw_sq8, ivfpq, then flat: exact but slow at scale)."""
-        order = {k: i for i, k in enumerate(PREFERENCE)}
-        return sorted((e for e in self.estimates if e.fits), key=lambda e: order[e.kind])
+        return sorted((e for e in self.estimates if e.fits), key=lambda e: INDEX_KINDS[e.kind].plan_rank)
 
     def table(self) -> str:
         """A printable table: per kind the index size, the build peak and whether it fits."""
@@ -190,10 +184,6 @@ class MemoryPlan:
         )
 
 
-def _divisor_near(dim: int, target: int) -> int:
-    return min((x for x in range(1, dim + 1) if dim % x == 0), key=lambda x: (abs(x - target), x))
-
-
 def plan_index_memory(
     n: int,
     dim: int,
@@ -206,58 +196,22 @@ def plan_index_memory(
     """The memory each index kind needs for ``n`` vectors of dimension ``dim``.
 
     ``kind`` and ``params`` describe the index about to be built (its constructor arguments, e.g.
-    ``{"m": 32}``); HNSW rows use its M (or HNSWIndex's default when it is not an HNSW kind), the IVF-PQ
-    row its pq_m / nlist (pq_m moved to a divisor of ``dim`` when it does not divide it). ``available_bytes``
-    defaults (-1) to :func:`available_memory_bytes`; None means unknown (nothing is refused).
+    ``{"m": 32}``); every other kind's row takes the arguments it shares with that kind (the HNSW rows
+    share M, every row ``chunk_rows``) and its own defaults for the rest; an IVF-PQ pq_m that does not
+    divide ``dim`` is moved to a divisor. ``available_bytes`` defaults (-1) to :func:`available_memory_bytes`;
+    None means unknown (nothing is refused).
     """
-    if n < 0 or dim < 1:
-        raise ValueError(f"need n >= 0 and dim >= 1, got n={n}, dim={dim}")
-    if kind not in KINDS:
-        raise ValueError(f"unknown index kind {kind!r}: choose one of {', '.join(KINDS)}")
+    asked = kind_class(kind)
     params = dict(params or {})
     if available_bytes == -1:
         available_bytes = available_memory_bytes()
-    chunk_rows = int(params.get("chunk_rows", DEFAULT_CHUNK_ROWS))
-    value_bytes = 2 if embed_dtype == "float16" else 4
-    # one float32 block in memory while adding, and the float16 block it was converted from
-    block = min(chunk_rows, n) * (dim + 1) * 4 * (2 if value_bytes == 2 else 1)
-    # the recall check after a build scores probe queries against one block at a time
-    recall = min(SCORE_BUDGET_BYTES, 256 * min(chunk_rows, n) * 4)
-
-    default_m = inspect.signature(HNSWIndex).parameters["m"].default
-    m = int(params.get("m", default_m)) if kind in ("hnsw", "hnsw_sq8") else default_m
-    mips = params.get("mips", "ip") if kind in ("hnsw", "hnsw_sq8") else "ip"
-    sq8_train = int(params.get("train_size", 100_000)) if kind == "hnsw_sq8" else 100_000
-    pq_m = int(params.get("pq_m", 64)) if kind == "ivfpq" else 64
-    notes = []
-    if dim % pq_m:
-        new = _divisor_near(dim, pq_m)
-        if kind == "ivfpq":
-            notes.append(f"pq_m={pq_m} does not divide {dim}: the ivfpq row assumes pq_m={new}")
-        pq_m = new
-    ivf = {"pq_m": pq_m, "pq_nbits": int(params.get("pq_nbits", 8)) if kind == "ivfpq" else 8}
-    ivf_train = int(params.get("train_size", 200_000)) if kind == "ivfpq" else 200_000
-    nlist = (params.get("nlist") if kind == "ivfpq" else None) or IVFPQIndex.auto_nlist(n, ivf_train)
-    ivf["nlist"] = nlist
-
-    estimates = []
-    for k in KINDS:
-        if k == "flat":
-            shown, held, extra = {}, estimate_memory_bytes("flat", n, dim), block
-        elif k in ("hnsw", "hnsw_sq8"):
-            shown = {"M": m} if mips == "ip" else {"M": m, "mips": mips}
-            held = estimate_memory_bytes(k, n, dim, m=m, mips=mips)
-            extra = block + recall
-            if k == "hnsw_sq8":
-                extra += min(sq8_train, n) * dim * 4
-        else:
-            shown = dict(ivf)
-            held = estimate_memory_bytes("ivfpq", n, dim, **ivf, train_size=ivf_train)
-            # k-means and PQ training hold the sample, its assignments and the residuals
-            extra = block + recall + 2 * min(max(ivf_train, 39 * nlist), n) * dim * 4
-        build = held + extra
-        fits = None if available_bytes is None else build <= available_bytes * headroom
-        estimates.append(KindEstimate(k, shown, int(held), int(build), fits))
+    estimates, notes = [], []
+    for name, cls in INDEX_KINDS.items():
+        e = cls.estimate_memory(n, dim, params, like=asked, embed_dtype=embed_dtype)
+        if cls is asked:
+            notes = e.notes
+        fits = None if available_bytes is None else e.build_bytes <= available_bytes * headroom
+        estimates.append(KindEstimate(name, e.params, e.index_bytes, e.build_bytes, fits))
     return MemoryPlan(
         n=n,
         dim=dim,
@@ -265,7 +219,7 @@ def plan_index_memory(
         estimates=estimates,
         available_bytes=available_bytes,
         headroom=headroom,
-        embed_bytes_per_value=value_bytes,
+        embed_bytes_per_value=2 if embed_dtype == "float16" else 4,
         notes=notes,
     )
 
@@ -275,6 +229,11 @@ def plan_for_index(index, n: int, dim: int, embed_dtype: str = "float32", **kwar
     return plan_index_memory(n, dim, index.kind, index.params(), embed_dtype=embed_dtype, **kwargs)
 
 
-def print_plan(plan: MemoryPlan, prefix: str = "[rag-index] ") -> None:
+def log_plan(plan: MemoryPlan, prefix: str = "") -> None:
+    """Log the plan's table, a line per record (info level)."""
     for line in plan.table().splitlines():
-        print(prefix + line, file=sys.stderr, flush=True)
+        log.info("%s%s", prefix, line)
+
+
+#: the name the commands first called it by
+print_plan = log_plan

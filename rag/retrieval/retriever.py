@@ -23,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rag.atomic import write_json_atomic
+from rag.retrieval.base import DenseIndex
 from rag.retrieval.bm25 import BM25Index
 from rag.retrieval.embed import corpus_checksum, embeddings_encoder_record, open_embeddings
 from rag.retrieval.encoders import BertEncoder
 from rag.retrieval.errors import IndexMismatchError, RetrievalError, RetrievalInputError
-from rag.retrieval.index import DenseIndex, IndexManifest, read_manifest
+from rag.retrieval.manifest import IndexManifest, read_manifest
 from rag.types import Passage, RetrievalOutput
 
 #: file beside an index (written by rag-index) naming the embeddings directory it was built from
@@ -290,10 +292,7 @@ class DenseRetriever(Retriever):
 
 def write_index_source(index_dir: str | os.PathLike, **record) -> None:
     """Record beside a saved index where its embeddings live (and what built it), atomically."""
-    path = Path(index_dir) / SOURCE_NAME
-    tmp = path.with_name(f".{SOURCE_NAME}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(Path(index_dir) / SOURCE_NAME, record)
 
 
 def read_index_source(index_dir: str | os.PathLike) -> dict:
