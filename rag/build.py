@@ -30,6 +30,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rag.config_dir import conf_dir
+from rag.config_schema import validate
 from rag.errors import ConfigError, RagError
 from rag.generation.generator import load_delta
 from rag.lit_module import RagLitModule
@@ -45,7 +46,7 @@ from rag.retrieval.indexer import (
     default_index_dir,
     ensure_index,
 )
-from rag.retrieval.retriever import DenseRetriever, Retriever
+from rag.retrieval.retriever import BM25Retriever, DenseRetriever, GoldRetriever, Retriever
 from rag.types import Passage
 
 __all__ = [
@@ -71,6 +72,7 @@ __all__ = [
     "instantiate",
     "load_checkpoint",
     "resolve_ckpt_path",
+    "retriever_mode",
     "set_threads",
 ]
 
@@ -93,7 +95,7 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        return validate(hydra_compose(config_name=config_name, overrides=list(overrides)))
 
 
 def compose_train_config(experiment: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -232,6 +234,25 @@ def no_retriever(**unused) -> None:
     """``retriever=none``: closed book. Settings meant for another retriever (an experiment's
     ``retriever.window_words``) do not apply and are ignored."""
     return None
+
+
+def retriever_mode(cfg: DictConfig) -> str:
+    """The mode (``learned`` | ``frozen`` | ``bm25`` | ``gold`` | ``none``) a run config's model runs in, read
+    off its ``retriever`` node and ``model.train_query_encoder`` without building anything."""
+    from hydra.utils import get_object
+
+    upgrade_config(cfg)
+    target = get_object(str(cfg.retriever._target_))
+    if target is dense_retriever:
+        return "learned" if cfg.model.get("train_query_encoder", True) is not False else "frozen"
+    modes = {no_retriever: "none", GoldRetriever.from_passages: "gold", BM25Retriever.from_passages: "bm25"}
+    for builder, mode in modes.items():
+        if target == builder:
+            return mode
+    raise ConfigError(
+        f"retriever._target_={cfg.retriever._target_} is none of the retriever group's builders: choose "
+        "retriever=dense|bm25|gold|none"
+    )
 
 
 def build_retriever(cfg: DictConfig) -> Retriever | None:

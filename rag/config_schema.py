@@ -52,6 +52,12 @@ def _reductions() -> tuple:
     return REDUCTIONS
 
 
+def _schedulers() -> tuple:
+    from rag.lit_module import SCHEDULERS
+
+    return SCHEDULERS
+
+
 def _splits() -> tuple:
     from rag.data.datamodule import SPLITS
 
@@ -61,7 +67,7 @@ def _splits() -> tuple:
 def _verbosities() -> tuple:
     from rag.log import LEVELS, VERBOSITIES
 
-    return (*LEVELS, *VERBOSITIES)
+    return (*LEVELS, *(name.upper() for name in LEVELS), *VERBOSITIES)
 
 
 def _embed_dtypes() -> tuple:
@@ -85,11 +91,13 @@ def _group_options(group: str) -> Callable[[], tuple]:
 CHOICES: dict[str, Callable[[], tuple]] = {
     "model.head": _heads,
     "model.decoder": _decoders,
-    "model.retriever_mode": _retriever_modes,
+    "model.retriever_mode": lambda: (None, *_retriever_modes()),  # legacy: the retriever group replaces it
     "model.reduction": _reductions,
+    "optim.scheduler": _schedulers,
     "decoder": _decoders,  # rag-evaluate
     "head": lambda: (None, *_heads()),  # rag-convert export
     "split": _splits,
+    "index_kind": lambda: (None, *_index_kind_names()),  # rag-evaluate
     "verbosity": _verbosities,
     "embed.dtype": _embed_dtypes,
 }
@@ -114,6 +122,10 @@ def _index_kinds() -> dict[str, str]:
         targets[f"{cls.__module__}.{cls.__qualname__}"] = kind
         targets[f"{index_module.__name__}.{cls.__qualname__}"] = kind
     return targets
+
+
+def _index_kind_names() -> tuple:
+    return tuple(dict.fromkeys(_index_kinds().values()))
 
 
 def allowed_values(path: str) -> tuple | None:

@@ -77,7 +77,9 @@ class Prediction:
     passages: list[RetrievedPassage] = field(default_factory=list)
 
     @classmethod
-    def from_answer(cls, question: Question, answer: RagAnswer, dataset: str = "", index: int = -1) -> Prediction:
+    def from_answer(
+        cls, question: Question, answer: RagAnswer, dataset: str = "", index: int = -1
+    ) -> Prediction:
         """The record of ``answer`` (from :meth:`rag.model.RagModel.generate`) to ``question``."""
         return cls(
             id=question.id,
@@ -90,7 +92,9 @@ class Prediction:
             prediction=answer.answer,
             score=answer.score,
             passages=[
-                RetrievedPassage(id=p.id, title=p.title, text=p.text, doc_score=s, prior=prior, posterior=post)
+                RetrievedPassage(
+                    id=p.id, title=p.title, text=p.text, doc_score=s, prior=prior, posterior=post
+                )
                 for p, s, prior, post in zip(
                     answer.passages, answer.doc_scores, answer.doc_priors, answer.doc_posteriors
                 )

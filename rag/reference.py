@@ -69,7 +69,9 @@ def check_reference(path: str | os.PathLike | None = None) -> dict:
     for rel, digest in manifest.get("files", {}).items():
         f = root / rel
         if not f.is_file():
-            raise ReferenceModelError(f"reference file {f} is missing: restore it with `git checkout -- {root}`")
+            raise ReferenceModelError(
+                f"reference file {f} is missing: restore it with `git checkout -- {root}`"
+            )
         if sha256_file(f) != digest:
             raise ReferenceModelError(
                 f"reference file {f} is corrupt (its SHA-256 differs from {manifest_path}): restore it with "
@@ -87,7 +89,9 @@ def save_encoder_delta(encoder, base, path: str | os.PathLike) -> dict:
     state = encoder.model.state_dict()
     base_state = base.model.state_dict()
     if state.keys() != base_state.keys():
-        raise ReferenceModelError("the encoder and its base have different parameters: not the same architecture")
+        raise ReferenceModelError(
+            "the encoder and its base have different parameters: not the same architecture"
+        )
     manifest = {
         "base": base.name,
         "base_sha256": state_fingerprint(base_state),

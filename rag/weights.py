@@ -43,15 +43,24 @@ class DeltaError(RagError, ValueError):
 
 def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes, in name order: identifies weights whatever file format
-    holds them. (The ``name:dtype:shape;`` framing is what the shipped reference deltas record.)"""
+    holds them (the document encoder in every index manifest and embeddings record, the base of a delta)."""
+    return _fingerprint(state, "{name}|{dtype}|{shape}|")
+
+
+def _fingerprint(state: Mapping[str, torch.Tensor], framing: str) -> str:
     import hashlib
 
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(framing.format(name=name, dtype=t.dtype, shape=tuple(t.shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+#: the framing deltas written before one fingerprint served everything recorded as ``base_sha256`` (the
+#: shipped reference deltas among them); read, never written
+_DELTA_FRAMING_BEFORE = "{name}:{dtype}:{shape};"
 
 
 def state_delta(
@@ -150,7 +159,7 @@ def check_delta_base(
 ) -> None:
     """Raise ``error`` (ending in ``fix``) unless ``base`` is the model the delta in ``path`` was made against."""
     fingerprint = state_fingerprint(base)
-    if fingerprint != manifest["base_sha256"]:
+    if manifest["base_sha256"] not in (fingerprint, _fingerprint(base, _DELTA_FRAMING_BEFORE)):
         raise error(
             f"the delta in {path} was made against base {manifest['base']!r} (fingerprint "
             f"{manifest['base_sha256'][:12]}), but the base loaded has fingerprint {fingerprint[:12]}: {fix}"

@@ -174,8 +174,8 @@ def test_two_process_validation_and_test_metrics_equal_one_process(runs):
 
 def test_ranks_share_one_index_build_and_one_corpus_conversion(runs):
     log = runs["log"]
-    assert log.count("[rag-index] built the flat index") == 1
-    assert log.count("[rag-index] reusing the flat index") == 1
+    assert log.count("[rag.indexer] built the flat index") == 1
+    assert log.count("[rag.indexer] reusing the flat index") == 1
     for corpus in ("embed.jsonl", "corpus.jsonl"):  # each converted by one rank, opened by the other
         assert log.count(f"[rag.arrow] converting {runs['tmp'] / corpus}") == 1
 

@@ -150,7 +150,9 @@ def test_doc_score_scale_sharpens_dense_logits_only(parts):
     np.testing.assert_array_equal(out1.doc_ids.numpy(), out20.doc_ids.numpy())  # same passages, same order
     torch.testing.assert_close(out20.doc_scores, 20.0 * out1.doc_scores)
     p1, p20 = torch.softmax(out1.doc_scores, -1), torch.softmax(out20.doc_scores, -1)
-    assert bool((p20.max(-1).values >= p1.max(-1).values - 1e-6).all())  # a sharper prior, never a flatter one
+    assert bool(
+        (p20.max(-1).values >= p1.max(-1).values - 1e-6).all()
+    )  # a sharper prior, never a flatter one
     scaled.train()(parts["questions"], parts["targets"]).loss.backward()  # the gradient still reaches q(x)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in scaled.query_encoder.parameters())
     bm25 = make_model(parts, mode="bm25", n_docs=3, doc_score_scale=20.0)

@@ -159,9 +159,7 @@ def test_init_from_copies_the_weights_it_shares_and_refuses_what_does_not_fit(fi
         assert torch.equal(value, fresh.state_dict()[key]), key
     # a closed-book model shares the generator only: the rest of the checkpoint is ignored
     closed = RagLitModule(
-        build.build_model(
-            compose_config("train", [*smoke_overrides(first_run), "model.retriever_mode=none"])
-        )
+        build.build_model(compose_config("train", [*smoke_overrides(first_run), "model.retriever_mode=none"]))
     )
     build.init_weights(closed, ckpt)
     assert torch.equal(
@@ -178,3 +176,33 @@ def test_init_from_copies_the_weights_it_shares_and_refuses_what_does_not_fit(fi
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="could not be read"):
         build.init_weights(fresh, tmp_path / "bad.ckpt")
+
+
+def test_a_checkpoint_of_the_config_before_the_retriever_group_loads_and_answers_the_same(
+    first_run, tmp_path
+):
+    """Checkpoints written before ``retriever`` became a config group hold ``model.retriever_mode`` and top-level
+    ``bm25`` / ``gold`` nodes instead: rewritten that way, the smoke checkpoint still loads and answers alike."""
+    ckpt = first_run / "runs" / "first" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=False)
+    config = checkpoint["hyper_parameters"]["run_config"]
+    assert "retriever" in config and config["model"]["retriever_mode"] is None
+    legacy = dict(config)
+    del legacy["retriever"]
+    legacy["model"] = {k: v for k, v in config["model"].items() if k != "train_query_encoder"}
+    legacy["model"]["retriever_mode"] = "learned"
+    legacy["gold"], legacy["bm25"] = {"window_words": None}, {"k1": 0.9, "b": 0.4, "stopwords": "english"}
+    checkpoint["hyper_parameters"]["run_config"] = legacy
+    old = tmp_path / "legacy.ckpt"
+    torch.save(checkpoint, old)
+
+    new_module, _ = build.load_checkpoint(ckpt)
+    old_module, old_cfg = build.load_checkpoint(old)
+    assert (
+        old_cfg.retriever._target_ == "rag.build.dense_retriever"
+        and old_module.model.retriever_mode == "learned"
+    )
+    questions = ["who wrote the republic?", "when did the war end?"]
+    for new, old in zip(new_module.model.generate(questions), old_module.model.generate(questions)):
+        assert (new.answer, [p.id for p in new.passages]) == (old.answer, [p.id for p in old.passages])
+        assert new.score == pytest.approx(old.score)

@@ -84,6 +84,19 @@ def test_the_installed_package_is_the_wheel_with_its_configs(venv, tmp_path):
         assert files(installed / data) == files(src / "rag" / data) != set(), data
 
 
+def test_every_console_script_of_the_wheel_loads_from_it(venv, tmp_path):
+    code = (
+        "import importlib.metadata as m, inspect\n"
+        "eps = m.distribution('rag').entry_points.select(group='console_scripts')\n"
+        "for ep in eps: print(ep.name, inspect.getfile(ep.load()))"
+    )
+    lines = run([venv / "bin" / "python", "-c", code], tmp_path, user_env(tmp_path)).stdout.splitlines()
+    scripts = dict(line.split() for line in lines)
+    assert {"rag-train", "rag-index", "rag-evaluate", "rag-reference"} <= set(scripts)
+    assert all(str(venv) in path for path in scripts.values()), scripts
+    assert all((venv / "bin" / name).is_file() for name in scripts)
+
+
 def test_rag_train_smoke_runs_from_the_wheel(venv, tmp_path):
     out = tmp_path / "outputs" / "smoke" / "run"
     run(

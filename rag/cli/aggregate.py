@@ -20,7 +20,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from rag.cli.app import fail
+from rag.cli.app import add_verbosity_flags, fail, verbosity_of
 from rag.errors import RagError
 from rag.log import configure_logging
 from rag.replication.aggregate import aggregate
@@ -36,8 +36,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--result", type=Path, nargs="*", default=[], help="result.json files to use as well")
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--results-md", type=Path, default=Path("RESULTS.md"))
+    add_verbosity_flags(parser)
     args = parser.parse_args(argv)
-    configure_logging()
+    configure_logging(verbosity_of(args))
     try:
         aggregate(args.runs, args.out, args.results_md, args.result)
     except RagError as err:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from rag.cli.app import fail
+from rag.cli.app import add_verbosity_flags, fail, verbosity_of
 from rag.data.arrow import convert_passages
 from rag.errors import RagError
 from rag.log import configure_logging
@@ -28,8 +28,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--split-words", type=int, default=None)
     parser.add_argument("--lenient", action="store_true", help="skip malformed rows with a warning")
     parser.add_argument("--overwrite", action="store_true")
+    add_verbosity_flags(parser)
     args = parser.parse_args(argv)
-    configure_logging()
+    configure_logging(verbosity_of(args))
     try:
         passages = convert_passages(
             args.source,

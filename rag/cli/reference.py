@@ -55,9 +55,7 @@ def examples_text(by_system: dict[str, list[Prediction]], n: int, seed: int, pas
             for j in order[:passages_shown]:
                 p = rag.passages[j]
                 text = p.text if len(p.text) <= 160 else p.text[:157] + "..."
-                out.append(
-                    f"     p(z|x)={p.prior:.2f} p(z|x,y)={p.posterior:.2f}  [{p.title}] {text}"
-                )
+                out.append(f"     p(z|x)={p.prior:.2f} p(z|x,y)={p.posterior:.2f}  [{p.title}] {text}")
         out.append("")
     return "\n".join(out)
 
@@ -65,6 +63,7 @@ def examples_text(by_system: dict[str, list[Prediction]], n: int, seed: int, pas
 def run(cfg: DictConfig) -> dict:
     """The table1 study (rag.replication.studies) on the shipped reference, then a few answers shown."""
     from rag.reference import check_reference
+    from rag.replication.aggregate import study_markdown
     from rag.replication.provenance import command_line
     from rag.replication.studies import run_study
 
@@ -93,6 +92,7 @@ def run(cfg: DictConfig) -> dict:
     )
     reference = {k: manifest.get(k) for k in ("commit", "command", "created")}
     result = run_study(study_cfg, command_line("rag-reference"), extra={"reference": reference})
+    print("\n" + study_markdown(result))
     output_dir = Path(cfg.output_dir)
     by_system = {
         row["system"]: read_predictions(output_dir / f"predictions-{row['system']}.jsonl")

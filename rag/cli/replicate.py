@@ -24,12 +24,15 @@ CONFIG_NAME = "replicate"
 
 
 def run(cfg: DictConfig) -> dict:
+    from rag.replication.aggregate import study_markdown
     from rag.replication.provenance import command_line
     from rag.replication.studies import run_study
 
     check_required(cfg)
     set_threads(cfg.threads)
-    return run_study(cfg, command_line("rag-replicate"))
+    result = run_study(cfg, command_line("rag-replicate"))
+    print("\n" + study_markdown(result))
+    return result
 
 
 def main() -> None:

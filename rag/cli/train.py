@@ -2,7 +2,8 @@
 
     rag-train experiment=miniwiki_rag_token
     rag-train experiment=miniwiki_rag_token model.head=sequence n_docs=10
-    rag-train experiment=miniwiki_rag_token model.retriever_mode=bm25
+    rag-train experiment=miniwiki_rag_token retriever=bm25
+    rag-train experiment=miniwiki_rag_token model.train_query_encoder=false
     rag-train experiment=smoke
     rag-train experiment=miniwiki_rag_token resume=true
 

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rag.atomic import sha256_file, write_json_atomic
+from rag.atomic import atomic_path, replace_atomic, sha256_file, temporary_sibling, write_json_atomic
 from rag.data.corpus import iter_passages
 from rag.data.errors import DataError
 from rag.types import Passage
@@ -71,14 +71,6 @@ log = logging.getLogger(__name__)
 def _passage_line(pid: str, title: str, text: str) -> bytes:
     # the line rag.retrieval.embed.corpus_checksum hashes, so that both checksums agree
     return f"{pid}\t{title}\t{text}\n".encode()
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -124,7 +116,7 @@ class _PartWriter:
     def __init__(self, out: Path, index: int, start: int):
         self.out, self.index, self.start = out, index, start
         self.path = out / f"{_part_name(index)}.arrow"
-        self.tmp = out / f".{_part_name(index)}.arrow.{os.getpid()}.tmp"
+        self.tmp = temporary_sibling(self.path)
         self.sink = pa.OSFile(str(self.tmp), "wb")
         self.writer = pa.ipc.new_stream(self.sink, SCHEMA)
         self.rows = 0
@@ -157,8 +149,7 @@ class _PartWriter:
     def finish(self, source: dict) -> dict:
         self.writer.close()
         self.sink.close()
-        _fsync_file(self.tmp)
-        os.replace(self.tmp, self.path)
+        replace_atomic(self.tmp, self.path)
         record = {
             "format_version": FORMAT_VERSION,
             "part": self.index,
@@ -351,11 +342,12 @@ def _finish(out: Path, parts: list[dict], record: dict) -> None:
         ids = table.column("id")
         order = pc.sort_indices(ids)
         lookup = pa.table({"id": pc.take(ids, order), "row": order.cast(pa.int64())})
-        tmp = out / f".{IDS_NAME}.{os.getpid()}.tmp"
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, lookup.schema) as writer:
+        with (
+            atomic_path(out / IDS_NAME) as tmp,  # closed (inner contexts first), fsynced, then renamed
+            pa.OSFile(str(tmp), "wb") as sink,
+            pa.ipc.new_stream(sink, lookup.schema) as writer,
+        ):
             writer.write_table(lookup.combine_chunks(), max_chunksize=1 << 20)
-        _fsync_file(tmp)
-        os.replace(tmp, out / IDS_NAME)
     manifest = {
         "format_version": FORMAT_VERSION,
         "n_passages": n,

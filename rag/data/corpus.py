@@ -24,7 +24,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import IO
 
 from tqdm.auto import tqdm
 
+from rag.atomic import atomic_path
 from rag.data.errors import (
     DataFileNotFoundError,
     DataFormatError,
@@ -83,23 +83,14 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     The gzip header carries no name and no timestamp, so the same rows give byte-identical files.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            if path.suffix == ".gz":
-                sink: IO[bytes] = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9)
-            else:
-                sink = raw
-            with io.TextIOWrapper(sink, encoding="utf-8", newline="\n") as text:
-                for row in rows:
-                    text.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; data files are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        if path.suffix == ".gz":
+            sink: IO[bytes] = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9)
+        else:
+            sink = raw
+        with io.TextIOWrapper(sink, encoding="utf-8", newline="\n") as text:
+            for row in rows:
+                text.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 
 

@@ -557,7 +557,11 @@ def load_delta(path: str | os.PathLike, *, bert_name_or_path=None) -> Generator:
     manifest, delta = read_delta(path, writer="save_delta", format=DELTA_FORMAT, error=DeltaCheckpointError)
     bert, tokenizer, _ = _load_bert(_base_source(manifest["base"], bert_name_or_path))
     check_delta_base(
-        path, manifest, bert.state_dict(), fix="pass the same base as bert_name_or_path", error=DeltaCheckpointError
+        path,
+        manifest,
+        bert.state_dict(),
+        fix="pass the same base as bert_name_or_path",
+        error=DeltaCheckpointError,
     )
     config = BartConfig.from_dict(manifest["config"])
     model = _bart_from_bert_state(config, bert.state_dict(), seed=0)

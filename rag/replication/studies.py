@@ -394,7 +394,6 @@ def run_study(cfg: DictConfig, command: str, extra: dict | None = None) -> dict:
     write_json_atomic(out / "result.json", result)
     markdown = study_markdown(result)
     write_text_atomic(out / "result.md", markdown)
-    print("\n" + markdown)
     log.info(
         f"done in {result['wall_seconds']:.0f} s (peak RSS {result['peak_rss_mb']:.0f} MB); results in {out}"
     )

@@ -374,7 +374,13 @@ class DenseIndex:
             settings = ", ".join(f"{k}={v}" for k, v in self.search_settings().items())
             log.info(
                 "%s (%s) over %s x %s: recall vs exact on %s %s: %s",
-                self.kind, settings, f"{self.ntotal:,}", self._dim, rec["n_queries"], source, shown,
+                self.kind,
+                settings,
+                f"{self.ntotal:,}",
+                self._dim,
+                rec["n_queries"],
+                source,
+                shown,
             )
         r10 = rec.get("recall@10", min(v for key, v in rec.items() if "@" in key))
         if r10 < 0.9:

@@ -46,20 +46,17 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
-from rag.atomic import write_json_atomic
+from rag.atomic import replace_atomic, temporary_sibling
 from rag.retrieval.embed import (
     DTYPES,
-    FORMAT_VERSION,
     EmbeddingsError,
-    _array_checksum,
-    _check_finished,
-    _encoder_record,
-    _file_stem,
-    _remove_records,
+    array_checksum,
+    clear_embeddings_file,
     consolidate_embeddings,
-    corpus_checksum,
     open_embeddings,
-    read_embeddings_meta,
+    plan_embedding,
+    record_embeddings_file,
+    remove_embeddings,
     shard_range,
 )
 from rag.retrieval.encoders import BertEncoder
@@ -158,15 +155,15 @@ class _EmbedData(pl.LightningDataModule):
         trainer = self.trainer
         opts = self.options
         if opts["overwrite"] and trainer.is_global_zero:
-            start, end = shard_range(len(self.passages), opts["shard"], opts["num_shards"])
-            metas = [m for m in read_embeddings_meta(self.out_dir) if m["start"] < end and start < m["end"]]
-            _remove_records(self.out_dir, metas)
+            remove_embeddings(
+                self.out_dir, *shard_range(len(self.passages), opts["shard"], opts["num_shards"])
+            )
         # nobody plans before the overwrite is done; after this, assignment depends on the ranges alone
         trainer.strategy.barrier("rag-embed-plan")
         files = _rank_files(len(self.passages), opts, trainer.global_rank, trainer.world_size)
-        self.todo, self.expected, self.skipped = _plan(
-            self.passages, files, self.encoder, self.out_dir, opts["dtype"]
-        )
+        todo, self.skipped = plan_embedding(self.encoder, self.passages, self.out_dir, files, opts["dtype"])
+        self.todo = [(lo, hi) for lo, hi, _ in todo]
+        self.expected = [expected for _, _, expected in todo]
 
     def predict_dataloader(self) -> DataLoader:
         dataset = _FileBatches(self.passages, self.todo, self.encoder, self.options["batch_size"])
@@ -178,37 +175,6 @@ def _rank_files(n: int, opts: dict, rank: int, world_size: int) -> list[tuple[in
     rows_per_file = opts["rows_per_file"]
     files = [(s, min(s + rows_per_file, end)) for s in range(start, end, rows_per_file)]
     return files[rank::world_size]
-
-
-def _plan(passages, files, encoder, out_dir: Path, dtype: str):
-    """Split ``files`` into those to embed (with their expected records) and those already finished."""
-    encoder_record = _encoder_record(encoder)
-    records = read_embeddings_meta(out_dir)
-    todo, expected_all, skipped = [], [], []
-    for lo, hi in files:
-        expected = {
-            "encoder": encoder_record,
-            "dtype": dtype,
-            "passages_sha256": corpus_checksum(passages[lo:hi]),
-        }
-        cover = next((m for m in records if m["start"] <= lo and hi <= m["end"]), None)
-        if cover is not None:
-            span_checksum = (
-                expected["passages_sha256"]
-                if (cover["start"], cover["end"]) == (lo, hi)
-                else corpus_checksum(passages[cover["start"] : cover["end"]])
-            )
-            _check_finished(
-                cover,
-                Path(cover["_path"]).with_suffix(".json"),
-                {**expected, "passages_sha256": span_checksum},
-            )
-            if Path(cover["_path"]).is_file():
-                skipped.append((lo, hi))
-                continue
-        todo.append((lo, hi))
-        expected_all.append(expected)
-    return todo, expected_all, skipped
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -232,7 +198,7 @@ class EmbeddingsWriter(BasePredictionWriter):
     def __init__(self, out_dir: Path, dtype: str, dim: int):
         super().__init__(write_interval="batch")
         self.out_dir, self.dtype, self.dim = out_dir, dtype, dim
-        self.open: dict[int, tuple[np.memmap, Path, int]] = {}
+        self.open: dict[int, tuple[np.memmap, Path, Path, int]] = {}  # rows, temporary, target, count
         self.finished: list[tuple[int, int]] = []
 
     def _data(self, trainer) -> _EmbedData:
@@ -245,48 +211,32 @@ class EmbeddingsWriter(BasePredictionWriter):
         f = prediction["file"]
         lo, hi = data.todo[f]
         if f not in self.open:
-            stem = _file_stem(lo, hi)
-            (self.out_dir / f"{stem}.json").unlink(missing_ok=True)
-            for stale in self.out_dir.glob(
-                f"{stem}.*.tmp-*"
-            ):  # left by a killed run; the file is this rank's
-                stale.unlink(missing_ok=True)
-            tmp = self.out_dir / f"{stem}.npy.tmp-{os.getpid()}"
+            npy_path = clear_embeddings_file(self.out_dir, lo, hi)  # the file is this rank's
+            tmp = temporary_sibling(npy_path)
             rows = np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=np.dtype(self.dtype), shape=(hi - lo, self.dim)
             )
-            self.open[f] = (rows, tmp, 0)
-        rows, tmp, count = self.open[f]
+            self.open[f] = (rows, tmp, npy_path, 0)
+        rows, tmp, npy_path, count = self.open[f]
         idx = prediction["rows"].cpu().numpy()
         rows[idx] = prediction["embeds"].cpu().numpy().astype(self.dtype, copy=False)
         count += len(idx)
-        self.open[f] = (rows, tmp, count)
+        self.open[f] = (rows, tmp, npy_path, count)
         if count == hi - lo:
             self._finish(f, lo, hi, data.expected[f])
 
     def _finish(self, f: int, lo: int, hi: int, expected: dict) -> None:
-        rows, tmp, _ = self.open.pop(f)
+        rows, tmp, npy_path, _ = self.open.pop(f)
         rows.flush()
-        checksum = _array_checksum(np.asarray(rows))
+        checksum = array_checksum(np.asarray(rows))
         del rows
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        stem = _file_stem(lo, hi)
-        os.replace(tmp, self.out_dir / f"{stem}.npy")
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "start": lo,
-            "end": hi,
-            "count": hi - lo,
-            "dim": self.dim,
-            "sha256": checksum,
-            **expected,
-        }
-        write_json_atomic(self.out_dir / f"{stem}.json", meta)
+        # the .npy in place (fsynced) before the JSON that marks it finished
+        replace_atomic(tmp, npy_path)
+        record_embeddings_file(self.out_dir, lo, hi, self.dim, checksum, expected)
         self.finished.append((lo, hi))
 
     def _discard_open(self) -> None:
-        for rows, tmp, _ in self.open.values():
+        for rows, tmp, _, _ in self.open.values():
             del rows
             tmp.unlink(missing_ok=True)
         self.open.clear()

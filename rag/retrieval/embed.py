@@ -6,8 +6,8 @@ Layout of an embeddings directory::
     embeds_<start>_<end>.json   count, dim, dtype, SHA-256 of the rows, the encoder and the passages used
 
 A file is *finished* when its JSON exists: the ``.npy`` is written to a temporary file in the same directory
-and renamed into place (``os.replace``) before the JSON is, so an interrupted run never leaves a file that
-looks finished. A rerun skips finished files and computes the rest.
+and renamed into place (``os.replace``, :func:`rag.atomic.atomic_path`) before the JSON is, so an
+interrupted run never leaves a file that looks finished. A rerun skips finished files and computes the rest.
 
 The corpus is cut into ``num_shards`` contiguous shards (shard i holds rows ``i*N//n .. (i+1)*N//n - 1``),
 and each shard into files of at most ``rows_per_file`` rows (the unit of resumption). Machine or GPU ``i``
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rag.atomic import write_json_atomic
+from rag.atomic import atomic_path, write_json_atomic
 from rag.retrieval.encoders import BertEncoder
 from rag.retrieval.errors import RetrievalError, RetrievalInputError
 from rag.types import Passage
@@ -69,7 +69,8 @@ def _file_stem(start: int, end: int) -> str:
     return f"embeds_{start:010d}_{end:010d}"
 
 
-def _array_checksum(array: np.ndarray) -> str:
+def array_checksum(array: np.ndarray) -> str:
+    """SHA-256 of an array's bytes: the ``sha256`` an embeddings file's JSON records for its rows."""
     return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).reshape(-1)).hexdigest()
 
 
@@ -136,29 +137,9 @@ def embed_corpus(
     start, end = shard_range(len(passages), shard, num_shards)
     ranges = [(s, min(s + rows_per_file, end)) for s in range(start, end, rows_per_file)]
 
-    encoder_record = _encoder_record(encoder)
     if overwrite:
-        _remove_records(out, [m for m in read_embeddings_meta(out) if m["start"] < end and start < m["end"]])
-    records = read_embeddings_meta(out)
-    todo, skipped, cover_checksums = [], [], {}
-    for lo, hi in ranges:
-        expected = {
-            "encoder": encoder_record,
-            "dtype": dtype,
-            "passages_sha256": corpus_checksum(passages[lo:hi]),
-        }
-        # a finished file of exactly these rows, or a consolidated one holding them
-        cover = next((m for m in records if m["start"] <= lo and hi <= m["end"]), None)
-        if cover is not None:
-            span = (cover["start"], cover["end"])
-            if span not in cover_checksums:
-                cover_checksums[span] = corpus_checksum(passages[span[0] : span[1]])
-            expected_cover = {**expected, "passages_sha256": cover_checksums[span]}
-            _check_finished(cover, Path(cover["_path"]).with_suffix(".json"), expected_cover)
-            if Path(cover["_path"]).is_file():
-                skipped.append((lo, hi))
-                continue
-        todo.append((lo, hi, expected))
+        remove_embeddings(out, start, end)
+    todo, skipped = plan_embedding(encoder, passages, out, ranges, dtype)
 
     progress = tqdm(
         total=end - start,
@@ -176,6 +157,77 @@ def embed_corpus(
     return EmbedReport(out_dir=out, computed=computed, skipped=skipped, rows=(start, end))
 
 
+def remove_embeddings(out: Path, start: int, end: int) -> None:
+    """Remove the finished files of ``out`` that hold any of rows ``start..end-1`` (an overwrite)."""
+    _remove_records(out, [m for m in read_embeddings_meta(out) if m["start"] < end and start < m["end"]])
+
+
+def plan_embedding(
+    encoder: BertEncoder,
+    passages: Sequence[Passage],
+    out: Path,
+    ranges: Sequence[tuple[int, int]],
+    dtype: str,
+) -> tuple[list[tuple[int, int, dict]], list[tuple[int, int]]]:
+    """Which files of ``ranges`` (row spans) to embed into ``out``, with the JSON record each must carry
+    (encoder, dtype, passages checksum), and which are finished already (by a file of exactly these rows,
+    or a consolidated one holding them). A finished file made by another encoder, dtype or corpus raises
+    :class:`EmbeddingsError`."""
+    encoder_record = _encoder_record(encoder)
+    records = read_embeddings_meta(out)
+    todo, skipped, cover_checksums = [], [], {}
+    for lo, hi in ranges:
+        expected = {
+            "encoder": encoder_record,
+            "dtype": dtype,
+            "passages_sha256": corpus_checksum(passages[lo:hi]),
+        }
+        cover = next((m for m in records if m["start"] <= lo and hi <= m["end"]), None)
+        if cover is not None:
+            span = (cover["start"], cover["end"])
+            if span not in cover_checksums:
+                cover_checksums[span] = (
+                    expected["passages_sha256"]
+                    if span == (lo, hi)
+                    else corpus_checksum(passages[span[0] : span[1]])
+                )
+            expected_cover = {**expected, "passages_sha256": cover_checksums[span]}
+            _check_finished(cover, Path(cover["_path"]).with_suffix(".json"), expected_cover)
+            if Path(cover["_path"]).is_file():
+                skipped.append((lo, hi))
+                continue
+        todo.append((lo, hi, expected))
+    return todo, skipped
+
+
+def clear_embeddings_file(out: Path, lo: int, hi: int) -> Path:
+    """Make the file of rows ``lo..hi-1`` unfinished before it is (re)written: its JSON record goes first (so
+    that it stops looking finished before it changes), then any temporary file a killed run left (these
+    rows belong to the caller alone). Returns the ``.npy`` path to write (through a temporary sibling)."""
+    stem = _file_stem(lo, hi)
+    npy_path = out / f"{stem}.npy"
+    (out / f"{stem}.json").unlink(missing_ok=True)
+    # rag.atomic's temporaries, and the {stem}.npy.tmp-<pid> names of earlier versions
+    for stale in [*out.glob(f".{npy_path.name}.*.tmp"), *out.glob(f"{stem}.*.tmp-*")]:
+        stale.unlink(missing_ok=True)
+    return npy_path
+
+
+def record_embeddings_file(out: Path, lo: int, hi: int, dim: int, checksum: str, expected: dict) -> None:
+    """Write the JSON record that marks the file of rows ``lo..hi-1`` finished (after its ``.npy`` is in
+    place): format, rows, dim, the rows' SHA-256 and ``expected`` (encoder, dtype, passages checksum)."""
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "start": lo,
+        "end": hi,
+        "count": hi - lo,
+        "dim": dim,
+        "sha256": checksum,
+        **expected,
+    }
+    write_json_atomic(out / f"{_file_stem(lo, hi)}.json", meta)
+
+
 def _embed_file(
     encoder: BertEncoder,
     passages: Sequence[Passage],
@@ -187,12 +239,7 @@ def _embed_file(
     expected: dict,
     progress: tqdm,
 ) -> None:
-    stem = _file_stem(lo, hi)
-    npy_path, meta_path = out / f"{stem}.npy", out / f"{stem}.json"
-    meta_path.unlink(missing_ok=True)  # an overwritten file stops looking finished before it changes
-    for stale in out.glob(f"{stem}.*.tmp-*"):  # left by a killed run; these rows belong to this call alone
-        stale.unlink(missing_ok=True)
-    tmp_path = out / f"{stem}.npy.tmp-{os.getpid()}"
+    npy_path = clear_embeddings_file(out, lo, hi)
     tokenizer = encoder.tokenizer
     # tokenize once without padding, then sort by token count: each batch pads to its own longest row
     tokens = tokenizer(
@@ -204,8 +251,11 @@ def _embed_file(
     lengths = np.array([len(ids) for ids in tokens["input_ids"]])
     order = np.argsort(-lengths, kind="stable")  # longest first: an out-of-memory error shows at once
     device = encoder.device
-    rows = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.dtype(dtype), shape=(hi - lo, encoder.dim))
-    try:
+    # the .npy is fsynced and renamed into place before its JSON is written (the module docstring)
+    with atomic_path(npy_path) as tmp_path:
+        rows = np.lib.format.open_memmap(
+            tmp_path, mode="w+", dtype=np.dtype(dtype), shape=(hi - lo, encoder.dim)
+        )
         with torch.inference_mode():
             for b in range(0, len(order), batch_size):
                 idx = order[b : b + batch_size]
@@ -216,24 +266,9 @@ def _embed_file(
                 rows[idx] = embeds.float().cpu().numpy().astype(dtype, copy=False)
                 progress.update(len(idx))
         rows.flush()
-        checksum = _array_checksum(np.asarray(rows))
+        checksum = array_checksum(np.asarray(rows))
         del rows
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, npy_path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "start": lo,
-        "end": hi,
-        "count": hi - lo,
-        "dim": encoder.dim,
-        "sha256": checksum,
-        **expected,
-    }
-    write_json_atomic(meta_path, meta)
+    record_embeddings_file(out, lo, hi, encoder.dim, checksum, expected)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -346,9 +381,8 @@ def consolidate_embeddings(
             )
     n, dim = embeds.shape
     stem = _file_stem(0, n)
-    tmp_path = directory / f"{stem}.npy.tmp-{os.getpid()}"
-    merged = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=embeds.dtype, shape=(n, dim))
-    try:
+    with atomic_path(directory / f"{stem}.npy") as tmp_path:
+        merged = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=embeds.dtype, shape=(n, dim))
         for part, start in tqdm(
             list(zip(embeds.parts, embeds.starts.tolist())),
             desc="consolidate embeddings",
@@ -357,14 +391,8 @@ def consolidate_embeddings(
         ):
             merged[start : start + len(part)] = part
         merged.flush()
-        checksum = _array_checksum(np.asarray(merged))
+        checksum = array_checksum(np.asarray(merged))
         del merged
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, directory / f"{stem}.npy")
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
     record = {k: v for k, v in metas[0].items() if not k.startswith("_")}
     record.update(start=0, end=n, count=n, sha256=checksum, passages_sha256=corpus_checksum(passages))
     write_json_atomic(directory / f"{stem}.json", record)
@@ -410,7 +438,7 @@ def open_embeddings(
                 f"{path} holds {array.shape} {array.dtype}, its record says ({meta['count']}, {meta['dim']}) "
                 f"{meta['dtype']}: the file is damaged; delete it and its .json and rerun the embedding"
             )
-        if verify and _array_checksum(np.asarray(array)) != meta["sha256"]:
+        if verify and array_checksum(np.asarray(array)) != meta["sha256"]:
             raise EmbeddingsError(
                 f"{path} fails its SHA-256 check: the file is damaged; delete it and its .json and rerun"
             )

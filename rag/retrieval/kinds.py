@@ -653,4 +653,3 @@ class IVFPQIndex(_FaissIndex):
         super()._add_all(embeds, desc)
         if getattr(self, "_gpu_index", None) is not None:
             self.to_gpu(self._gpu_device)
-
