@@ -398,7 +398,15 @@ def checkpoint_config(path: str | os.PathLike) -> DictConfig:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist: give the path of a .ckpt written by rag-train")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and why, in one line
+        raise ConfigError(
+            f"{path} could not be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}): give "
+            "a .ckpt written by rag-train"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"{path} holds a {type(checkpoint).__name__}, not a rag-train checkpoint")
     config = (checkpoint.get("hyper_parameters") or {}).get("run_config")
     if not config:
         raise ConfigError(

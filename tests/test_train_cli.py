@@ -206,3 +206,11 @@ def test_a_checkpoint_of_the_config_before_the_retriever_group_loads_and_answers
     for new, old in zip(new_module.model.generate(questions), old_module.model.generate(questions)):
         assert (new.answer, [p.id for p in new.passages]) == (old.answer, [p.id for p in old.passages])
         assert new.score == pytest.approx(old.score)
+
+
+@pytest.mark.parametrize("content", [b'{"id": "p1", "text": "not a checkpoint"}\n', b"\x80\x04K\x03."])
+def test_a_file_that_is_not_a_checkpoint_is_one_clear_error(content, tmp_path):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)  # a JSONL file, then a pickle of the integer 3
+    with pytest.raises(ConfigError, match="give a .ckpt written by rag-train|not a rag-train checkpoint"):
+        build.checkpoint_config(path)

@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from rag.atomic import write_json_atomic, write_text_atomic
-from rag.build import compose_train_config
+from rag.build import compose_train_config, retriever_mode
 from rag.errors import ConfigError
 from rag.evaluation import score_records, write_predictions
 from rag.replication.evaluate import (
@@ -133,7 +133,7 @@ class ModelCache:
             from rag.build import build_model
 
             train_cfg = compose_train_config(system.experiment, [*overrides, *self._eval_overrides()])
-            log.info(f"building {system.experiment} ({train_cfg.model.retriever_mode} retrieval)")
+            log.info(f"building {system.experiment} ({retriever_mode(train_cfg)} retrieval)")
             model = build_model(train_cfg).eval()
             self.info[key] = {
                 "source": "experiment weights",
