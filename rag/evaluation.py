@@ -6,7 +6,8 @@ every passage the generator read (:class:`RetrievedPassage`: retrieval score, pr
 p(z|x,y)). ``predictions.jsonl`` holds one :meth:`Prediction.to_dict` per line;
 :meth:`Prediction.from_dict` reads those lines back, including files written before this module existed
 (the keys are the same) and partial records (missing keys take their defaults, but a record needs at least
-``prediction`` and ``answers``).
+``prediction`` and ``answers``). ``ranked_after`` (written only when there are any) holds the passages the
+retriever ranked after the K read, so that recall@k is scored for k above K too (recall@10 at K = 5).
 
 :func:`score_records` averages the per-question scores (EM, F1, answer / gold-passage recall@k) overall and
 per set; the metrics themselves are the string functions of :mod:`rag.metrics`.
@@ -26,7 +27,7 @@ from rag.metrics import exact_match, f1_score, has_answer, regex_match
 
 if TYPE_CHECKING:
     from rag.model import RagAnswer
-    from rag.types import Question
+    from rag.types import Passage, Question
 
 __all__ = [
     "Prediction",
@@ -75,13 +76,24 @@ class Prediction:
     gold_passage_ids: list[str] = field(default_factory=list)
     score: float = 0.0
     passages: list[RetrievedPassage] = field(default_factory=list)
+    #: passages ranked after the ones read (retrieval score only): for recall@k at k above K
+    ranked_after: list[RetrievedPassage] = field(default_factory=list)
 
     @classmethod
     def from_answer(
-        cls, question: Question, answer: RagAnswer, dataset: str = "", index: int = -1
+        cls,
+        question: Question,
+        answer: RagAnswer,
+        dataset: str = "",
+        index: int = -1,
+        ranked_after: Sequence[tuple[Passage, float]] = (),
     ) -> Prediction:
-        """The record of ``answer`` (from :meth:`rag.model.RagModel.generate`) to ``question``."""
+        """The record of ``answer`` (from :meth:`rag.model.RagModel.generate`) to ``question``;
+        ``ranked_after``: (passage, retrieval score) of the passages ranked after the ones read."""
         return cls(
+            ranked_after=[
+                RetrievedPassage(id=p.id, title=p.title, text=p.text, doc_score=s) for p, s in ranked_after
+            ],
             id=question.id,
             dataset=dataset,
             index=index,
@@ -107,6 +119,8 @@ class Prediction:
         out["answers"] = list(self.answers)
         out["gold_passage_ids"] = list(self.gold_passage_ids)
         out["passages"] = [asdict(p) for p in self.passages]
+        if self.ranked_after:
+            out["ranked_after"] = [asdict(p) for p in self.ranked_after]
         return out
 
     @classmethod
@@ -116,6 +130,7 @@ class Prediction:
         fields["prediction"], fields["answers"] = data["prediction"], list(data["answers"])
         fields["gold_passage_ids"] = list(data.get("gold_passage_ids") or ())
         fields["passages"] = [RetrievedPassage.from_dict(p) for p in data.get("passages") or ()]
+        fields["ranked_after"] = [RetrievedPassage.from_dict(p) for p in data.get("ranked_after") or ()]
         return cls(**fields)
 
     @property
@@ -130,12 +145,13 @@ class Prediction:
 
     def scores(self, ks: Sequence[int]) -> dict[str, float]:
         """EM, F1 (max over gold answers; none for regex answers), answer recall@k and gold-passage
-        recall@k (none without gold passage ids) of this question."""
+        recall@k (none without gold passage ids) of this question, over the passages read and then those
+        ranked after them."""
         answers, regex = self.answers, self.answers_are_regex
         out = {"em": self.exact_match()}
         if not regex:
             out["f1"] = f1_score(self.prediction, answers)
-        passages = self.passages
+        passages = [*self.passages, *self.ranked_after] if self.passages else []
         if passages:
             first_hit = next(
                 (i for i, p in enumerate(passages) if has_answer(p.text, answers, regex=regex)), None
@@ -174,16 +190,17 @@ def score_records(records: Iterable[Prediction | Mapping[str, Any]], ks: Sequenc
 
     Keys: ``em``, ``f1``, ``answer_recall@k``, ``gold_recall@k`` (each averaged over the questions that
     have it: f1 skips regex answers, gold recall questions without gold passages), ``n``; and when the
-    records come from several sets, the same keys prefixed ``<set>/``. Recall is given for the ks up to
-    the number of passages read.
+    records come from several sets, the same keys prefixed ``<set>/``. Recall is given at the number of
+    passages read (K) and for the ks up to the number ranked (read, then ``ranked_after``).
     """
     records = [as_prediction(r) for r in records]
     if not records:
         return {}
     n_read = min((len(r.passages) for r in records), default=0)
-    ks = [k for k in sorted(set(ks)) if k <= n_read] if n_read else []
+    n_ranked = min((len(r.passages) + len(r.ranked_after) for r in records), default=0)
+    ks = [k for k in sorted(set(ks)) if k <= n_ranked] if n_read else []
     if n_read and n_read not in ks:
-        ks.append(n_read)
+        ks = sorted({*ks, n_read})
     groups: dict[str, list[Prediction]] = {"": records}
     sets = list(dict.fromkeys(r.dataset for r in records))
     if len(sets) > 1:

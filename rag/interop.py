@@ -9,7 +9,7 @@ a DPR question encoder, a seq2seq generator (BART) and their two tokenizers (``q
 documents) and :class:`~rag.generation.generator.Generator`; :func:`rag_model_from_transformers` builds the
 :class:`~rag.model.RagModel` around a retriever. Hydra reaches the same loaders through
 ``generator=rag_checkpoint query_encoder=rag_checkpoint`` (``conf/experiment/nq_rag_*_released.yaml``), and
-``rag-convert import`` writes a checkpoint that ``rag-evaluate`` reads (:mod:`rag.cli.convert`).
+``rag-convert import`` writes a checkpoint that ``rag-evaluate`` reads (:func:`write_import_checkpoint`).
 
 A RAG checkpoint holds no document index. The released models retrieve from DPR's 21M-passage Wikipedia
 (``psgs_w100.tsv``) embedded by DPR's context encoder ``facebook/dpr-ctx_encoder-single-nq-base``
@@ -23,7 +23,8 @@ config's ``prefix`` (transformers' ``RagRetriever`` prepends it to every generat
 transformers' ``RagTokenForGeneration.generate`` uses instead of the generator's.
 
 **Export.** :func:`export_transformers_rag` writes a folder that ``RagTokenForGeneration.from_pretrained`` (or
-``RagSequenceForGeneration``) loads, with ``RagTokenizer.from_pretrained``'s tokenizers; given the same
+``RagSequenceForGeneration``) loads, with ``RagTokenizer.from_pretrained``'s tokenizers (a rag-train
+checkpoint's parts: :func:`export_checkpoint_weights`, which ``rag-convert export`` calls); given the same
 ``context_input_ids``, ``context_attention_mask`` and ``doc_scores`` it computes the same losses and generates
 the same answers as the model here (tests/test_interop.py). The query encoder must be a DPR checkpoint or a
 BERT pooled by its [CLS] vector without normalisation: transformers' RAG embeds questions with DPR's
@@ -54,23 +55,34 @@ Known differences that remain (those that concern an export are also listed in i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from rag.atomic import atomic_dir
+from rag.atomic import atomic_dir, atomic_path
 
 # the same Generator construction, LayerNorm fix-up and quiet loading that load_generator uses
-from rag.generation.generator import Generator, quiet_transformers, set_layer_norm_eps, wrap_model
+from rag.generation.generator import (
+    Generator,
+    quiet_transformers,
+    resolve_model_path,
+    set_layer_norm_eps,
+    wrap_model,
+)
 from rag.model import DEFAULT_DECODER, HEADS, RagModel, RagModelError
 from rag.retrieval.encoders import BertEncoder, QueryEncoder
 from rag.retrieval.retriever import Retriever
+
+if TYPE_CHECKING:
+    from rag.lit_module import OptimConfig
 
 __all__ = [
     "EXPORT_MANIFEST",
@@ -82,14 +94,19 @@ __all__ = [
     "NotARagCheckpointError",
     "TokenizerMismatchError",
     "TransformersRag",
+    "export_checkpoint_weights",
     "export_transformers_rag",
     "inspect_transformers_rag",
+    "load_trained_part",
     "load_rag_generator",
     "load_rag_query_encoder",
     "load_transformers_rag",
     "rag_model_from_transformers",
+    "write_import_checkpoint",
     "write_transformers_rag",
 ]
+
+log = logging.getLogger(__name__)
 
 #: saved architecture -> our head (None: a bare RagModel, which has no head of its own)
 RAG_ARCHITECTURES: dict[str, str | None] = {
@@ -159,31 +176,11 @@ class TransformersRag:
         }
 
 
-def _looks_like_path(name: str) -> bool:
-    return (
-        name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
-    )
-
-
-def _resolve(name_or_path: str | os.PathLike) -> str:
-    """A local checkpoint folder as is, a hub name as is; a clear error for anything that cannot be one."""
-    name = os.fspath(name_or_path)
-    local = Path(name).expanduser()
-    hint = (
-        "pass a folder written by RagTokenForGeneration/RagSequenceForGeneration.save_pretrained plus "
-        "RagTokenizer.save_pretrained, or a hub name such as facebook/rag-token-nq"
-    )
-    if local.exists():
-        if not local.is_dir():
-            raise NotARagCheckpointError(f"{local} is a file, not a checkpoint folder: {hint}")
-        if not (local / "config.json").is_file():
-            raise NotARagCheckpointError(
-                f"{local} holds no config.json, so it is no transformers checkpoint: {hint}"
-            )
-        return str(local)
-    if isinstance(name_or_path, Path) or _looks_like_path(name):
-        raise NotARagCheckpointError(f"{name} does not exist: {hint}")
-    return name
+#: what a name that is no transformers RAG checkpoint is told
+CHECKPOINT_HINT = (
+    "pass a folder written by RagTokenForGeneration/RagSequenceForGeneration.save_pretrained plus "
+    "RagTokenizer.save_pretrained, or a hub name such as facebook/rag-token-nq"
+)
 
 
 def inspect_transformers_rag(
@@ -197,7 +194,13 @@ def inspect_transformers_rag(
     """
     from transformers import AutoConfig
 
-    source = _resolve(name_or_path)
+    source = resolve_model_path(
+        name_or_path,
+        what="RAG checkpoint",
+        hint=CHECKPOINT_HINT,
+        error=NotARagCheckpointError,
+        files=("config.json",),
+    )
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
@@ -372,7 +375,7 @@ def load_transformers_rag(
     )
 
 
-# Hydra builds the generator and the query encoder one after the other (rag.cli.train.build_model); both come
+# Hydra builds the generator and the query encoder one after the other (rag.build.build_model); both come
 # from one load of the checkpoint: the part not yet asked for waits here, for one checkpoint at a time.
 _waiting: dict[tuple, dict[str, nn.Module]] = {}
 
@@ -509,7 +512,7 @@ def write_transformers_rag(
     manifest: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a generator and a query encoder as a transformers RAG folder (the parts-level
-    :func:`export_transformers_rag`; ``rag-convert export`` calls it with a checkpoint's settings).
+    :func:`export_transformers_rag`; :func:`export_checkpoint_weights` calls it with a checkpoint's settings).
 
     ``question_encoder`` (a folder / hub name of a DPR or [CLS]-pooled BERT encoder, or an encoder) replaces
     ``query_encoder``; it is required when there is none (BM25 and closed-book models). Returns the folder.
@@ -664,3 +667,92 @@ def export_transformers_rag(
             **dict(manifest or {}),
         },
     )
+
+
+# ------------------------------------------------------------------------------------------------ rag-train checkpoints
+
+
+def write_import_checkpoint(
+    out: str | os.PathLike,
+    source: str | os.PathLike,
+    *,
+    head: str,
+    run_config: Mapping[str, Any],
+    optim: OptimConfig,
+    recall_ks: Sequence[int],
+    val_loss: bool,
+) -> dict[str, str]:
+    """Write ``out``: a rag-train checkpoint of the transformers RAG checkpoint ``source`` (what
+    ``rag-convert import`` writes) holding ``run_config`` -- a config that loads both parts from ``source``
+    (``generator=rag_checkpoint query_encoder=rag_checkpoint``) -- and no weights, marked so that
+    :class:`~rag.lit_module.RagLitModule` takes every weight from that config's loaders. ``source`` and its
+    tokenizers are checked now (the weights are not read), not at evaluation. Returns ``out``, the resolved
+    source and its architecture."""
+    import pytorch_lightning as pl
+
+    from rag.lit_module import WEIGHTS_FROM_KEY
+
+    _, architecture, resolved = inspect_transformers_rag(source, check_tokenizers=True)
+    saved_head = RAG_ARCHITECTURES[architecture]
+    if saved_head is not None and saved_head != head:
+        log.info(f"note: {source} was saved as {architecture} but model.head={head}")
+    checkpoint = {
+        "state_dict": {},
+        WEIGHTS_FROM_KEY: "config",
+        "rag_source": resolved,
+        "hyper_parameters": {
+            "optim": dataclasses.asdict(optim),
+            "recall_ks": sorted({int(k) for k in recall_ks}),
+            "val_loss": bool(val_loss),
+            "run_config": dict(run_config),
+        },
+        "pytorch-lightning_version": pl.__version__,
+    }
+    out = Path(out).expanduser()
+    with atomic_path(out) as tmp:
+        torch.save(checkpoint, tmp)
+    log.info(
+        f"wrote {out} ({architecture} from {resolved}; head={head}); evaluate: rag-evaluate ckpt_path={out}"
+    )
+    return {"out": str(out), "source": resolved, "architecture": architecture}
+
+
+def load_trained_part(module: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str, path) -> None:
+    """Load a rag-train checkpoint's ``prefix``-ed weights (``model.generator.``, ``model.query_encoder.``)
+    into ``module``; without any (a frozen query encoder, an imported checkpoint) it stays as it was built."""
+    part = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not part:
+        return
+    missing, unexpected = module.load_state_dict(part, strict=False)
+    if missing or unexpected:
+        raise ExportError(
+            f"{path} does not fit the model its config builds: missing {list(missing)[:3]}, unexpected "
+            f"{list(unexpected)[:3]}; was the checkpoint written by rag-train with this project's version?"
+        )
+
+
+def export_checkpoint_weights(
+    ckpt_path: str | os.PathLike,
+    out: str | os.PathLike,
+    generator: Generator,
+    query_encoder: BertEncoder | None,
+    *,
+    head: str,
+    n_docs: int,
+    **settings: Any,
+) -> Path:
+    """Write ``out``: ``generator`` and ``query_encoder`` (None: the model has none; built from the
+    checkpoint's config) with the trained weights of the rag-train checkpoint ``ckpt_path``, as a
+    transformers RAG folder (what ``rag-convert export`` writes). ``settings`` are
+    :func:`write_transformers_rag`'s other arguments. Returns the folder."""
+    path = Path(ckpt_path).expanduser()
+    state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict") or {}
+    load_trained_part(generator, state, "model.generator.", path)
+    if query_encoder is not None:
+        load_trained_part(query_encoder, state, "model.query_encoder.", path)
+    written = write_transformers_rag(out, generator, query_encoder, head=head, n_docs=n_docs, **settings)
+    log.info(
+        f"wrote {written}; load it with transformers.{HEAD_CLASSES[head]}.from_pretrained and "
+        "RagTokenizer.from_pretrained"
+    )
+    return written

@@ -160,12 +160,31 @@ class RagLitModule(pl.LightningModule):
         if split == "val" and self.val_loss and all(t is not None for t in batch.targets):
             out = self.model(batch.questions, batch.targets)
             self.log("val/loss", out.loss, batch_size=len(batch), sync_dist=True)
-        answers = self.model.generate(batch.questions)
-        records = [
-            Prediction.from_answer(q, a, name, i)
-            for q, a, name, i in zip(batch.questions, answers, batch.datasets, batch.indices)
-        ]
+        records = self._answer(batch, rank_deeper=False)
         self._records[split].extend(records)
+        return records
+
+    def _answer(self, batch: QABatch, rank_deeper: bool) -> list[Prediction]:
+        """The batch's answers as records. ``rank_deeper``: one search at the largest recall k serves both
+        the answers (the first K passages are read, as a search at K returns them) and recall@k for k above
+        K (``rag-evaluate`` reports recall@10 of a model that reads 5); validation and test in training
+        score recall up to K only, at no extra cost."""
+        model = self.model
+        k = model.eval_n_docs or model.n_docs
+        depth = max(self.recall_ks)
+        ranks_more = rank_deeper and model.retriever_mode in ("learned", "frozen", "bm25") and depth > k
+        retrieval = None
+        if ranks_more:
+            depth = min(depth, model.retriever.n_passages)
+            retrieval = model.retrieve(batch.questions, depth)
+        answers = model.generate(batch.questions, n_docs=k, retrieval=retrieval)
+        records = []
+        for b, (q, a, name, i) in enumerate(zip(batch.questions, answers, batch.datasets, batch.indices)):
+            after = ()
+            if retrieval is not None:
+                scores = retrieval.doc_scores[b].tolist()
+                after = list(zip(retrieval.passages[b][k:], scores[k:]))
+            records.append(Prediction.from_answer(q, a, name, i, ranked_after=after))
         return records
 
     def validation_step(self, batch: QABatch, batch_idx: int) -> None:
@@ -175,11 +194,7 @@ class RagLitModule(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: QABatch, batch_idx: int, dataloader_idx: int = 0) -> list[Prediction]:
-        answers = self.model.generate(batch.questions)
-        return [
-            Prediction.from_answer(q, a, name, i)
-            for q, a, name, i in zip(batch.questions, answers, batch.datasets, batch.indices)
-        ]
+        return self._answer(batch, rank_deeper=True)
 
     def on_validation_epoch_start(self) -> None:
         self._records["val"] = []

@@ -12,7 +12,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from test_model import make_model, parts  # noqa: F401  (the module-scoped fixture of tiny parts)
 
 from rag.data.datamodule import RagDataModule
+from rag.evaluation import Prediction
 from rag.lit_module import LitModuleError, OptimConfig, RagLitModule, prediction_record, score_records
+from rag.metrics import has_answer
 
 
 def trainer(max_steps: int, **kwargs) -> pl.Trainer:
@@ -127,6 +129,32 @@ def test_validation_logs_rag_metrics_of_the_generated_answers(parts):  # noqa: F
             assert logged[f"val/{key}"] == pytest.approx(value)
     assert "val/answer_recall@3" in logged and "val/answer_recall@5" not in logged  # 3 passages read
     assert logged["val/loss"] > 0
+
+
+def test_prediction_scores_recall_beyond_the_passages_read_from_one_deeper_search(parts):  # noqa: F811
+    """rag-evaluate's records: answers from K = 3 passages, recall@5 over the top 5 of the same search."""
+    questions = parts["questions"]
+    model = make_model(parts, n_docs=2, eval_n_docs=3, generation={"max_new_tokens": 4})
+    data = RagDataModule(val={"squad_open": questions}, eval_batch_size=3)
+    lit = RagLitModule(model, recall_ks=[1, 2, 5])
+    records = [r for batch in trainer(1).predict(lit, dataloaders=data.val_dataloader()) for r in batch]
+    model.eval()
+    answers = model.generate(questions)  # K = 3, its own search
+    top5 = model.retrieve(questions, 5)
+    for record, answer, ranked in zip(records, answers, top5.passages):
+        assert record.prediction == answer.answer and [p.id for p in record.passages] == [
+            p.id for p in answer.passages
+        ]
+        assert [p.id for p in record.passages + record.ranked_after] == [p.id for p in ranked]
+    scores = score_records(records, [1, 2, 5])
+    assert "answer_recall@5" in scores and "answer_recall@3" in scores
+    by_hand = sum(
+        any(has_answer(p.text, q.answers) for p in ranked) for q, ranked in zip(questions, top5.passages)
+    ) / len(questions)
+    assert scores["answer_recall@5"] == pytest.approx(by_hand)
+    # written and read back with the deeper passages
+    again = [Prediction.from_dict(r.to_dict()) for r in records]
+    assert score_records(again, [1, 2, 5]) == scores
 
 
 def _record(prediction, answers, passages, gold=(), regex=False, dataset="a"):

@@ -35,6 +35,7 @@ produces the right labels for all three.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,9 @@ __all__ = [
     "default_bert_path",
     "load_delta",
     "load_generator",
+    "looks_like_path",
     "quiet_transformers",
+    "resolve_model_path",
     "save_delta",
     "set_layer_norm_eps",
     "wrap_model",
@@ -229,7 +232,7 @@ def load_generator(
     """
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    source = _resolve(name_or_path, what="generator")
+    source = resolve_model_path(name_or_path, what="generator")
     config = AutoConfig.from_pretrained(source)
     if not getattr(config, "is_encoder_decoder", False):
         raise GeneratorConfigError(
@@ -242,7 +245,9 @@ def load_generator(
     if model.config.model_type == "bart" and eps is not None:
         set_layer_norm_eps(model, eps)
     tok_source = (
-        source if tokenizer_name_or_path is None else _resolve(tokenizer_name_or_path, what="tokenizer")
+        source
+        if tokenizer_name_or_path is None
+        else resolve_model_path(tokenizer_name_or_path, what="tokenizer")
     )
     tokenizer = AutoTokenizer.from_pretrained(tok_source)
     model.eval()
@@ -275,7 +280,7 @@ def build_tiny_bart(
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(default_bert_path())
     elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(_resolve(tokenizer, what="tokenizer"))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer, what="tokenizer"))
     ids = _special_ids_for_new_model(tokenizer)
     n_tokens = len(tokenizer)
     if vocab_size is None:
@@ -386,7 +391,7 @@ def _load_bert(bert_name_or_path):
     if bert_name_or_path is None:
         source, base_name = str(default_bert_path()), MINILM
     else:
-        source = _resolve(bert_name_or_path, what="BERT")
+        source = resolve_model_path(bert_name_or_path, what="BERT")
         base_name = str(bert_name_or_path)
     config = AutoConfig.from_pretrained(source)
     if config.model_type != "bert":
@@ -597,7 +602,9 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is written as a file system path (``/``, ``./``, ``~``, two slashes or more) rather
+    than a model-hub name (``org/name``)."""
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
@@ -612,28 +619,45 @@ def _hub_offline() -> bool:
     return bool(is_offline_mode())
 
 
-def _resolve(name_or_path: str | os.PathLike, *, what: str) -> str:
-    """A local folder as is; a hub name if it can be reached or is cached; otherwise a clear error now."""
+#: what the generator loaders say when a name is neither a folder nor a reachable hub name
+GENERATOR_HINT = (
+    "pass a local folder written by save_pretrained, or use the MiniLM-initialised default "
+    "(generator=minilm_bart, i.e. rag.generation.generator.bart_from_bert())"
+)
+
+
+def resolve_model_path(
+    name_or_path: str | os.PathLike,
+    *,
+    what: str = "model",
+    hint: str = GENERATOR_HINT,
+    error: type[Exception] = GeneratorNotFoundError,
+    files: Sequence[str] = ("config.json", "tokenizer_config.json"),
+) -> str:
+    """A local folder written by ``save_pretrained`` (it holds one of ``files``) as is, or a model-hub name.
+
+    Raises ``error`` with a one-line message ending in ``hint`` now, not after a download attempt: for a file,
+    a folder holding none of ``files``, a path (:func:`looks_like_path`, or a :class:`~pathlib.Path`) that
+    does not exist, and -- with the hub offline -- a hub name not in the hub cache.
+    """
     name = os.fspath(name_or_path)
     local = Path(name).expanduser()
-    if local.is_dir():
-        if not (local / "config.json").is_file() and not (local / "tokenizer_config.json").is_file():
-            raise GeneratorNotFoundError(
-                f"{local} is a folder but holds no config.json / tokenizer_config.json: pass a folder written "
-                "by save_pretrained"
+    if local.exists():
+        if not local.is_dir():
+            raise error(f"{what} {local} is a file, not a folder written by save_pretrained; {hint}")
+        if not any((local / f).is_file() for f in files):
+            raise error(
+                f"{what} {local} is a folder but holds no {' / '.join(files)}, so no folder written by "
+                f"save_pretrained; {hint}"
             )
         return str(local)
-    hint = (
-        "pass a local folder written by save_pretrained, or use the MiniLM-initialised default "
-        "(generator=minilm_bart, i.e. rag.generation.generator.bart_from_bert())"
-    )
-    if isinstance(name_or_path, Path) or _looks_like_path(name):
-        raise GeneratorNotFoundError(f"{what} folder {name} does not exist; {hint}")
+    if isinstance(name_or_path, Path) or looks_like_path(name):
+        raise error(f"{what} folder {name} does not exist; {hint}")
     if _hub_offline():
         from huggingface_hub import try_to_load_from_cache
 
         cached = None
-        for filename in ("config.json", "tokenizer_config.json"):
+        for filename in files:
             try:
                 cached = try_to_load_from_cache(name, filename)
             except ValueError:  # not even a valid repo id
@@ -641,7 +665,7 @@ def _resolve(name_or_path: str | os.PathLike, *, what: str) -> str:
             if isinstance(cached, str):
                 break
         if not isinstance(cached, str):
-            raise GeneratorNotFoundError(
+            raise error(
                 f"{what} {name!r} is not a local folder and not in the model-hub cache, and the hub is offline "
                 f"(HF_HUB_OFFLINE=1); {hint}"
             )
