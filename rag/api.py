@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from rag import build
 from rag.data.corpus import read_passages, split_into_passages, write_passages
@@ -183,6 +185,24 @@ def _questions(questions: Sequence[Question | str]) -> list[Question | str]:
 # ------------------------------------------------------------------------------------------------ index
 
 
+def _stored_passages(root: Path) -> list[Passage] | None:
+    """The passages of the index saved in ``root`` (None: none there, or unreadable)."""
+    try:
+        return read_passages(root / PASSAGES_FILE) if (root / PASSAGES_FILE).is_file() else None
+    except (RagError, ValueError, OSError):
+        return None
+
+
+def _stored_encoder(root: Path) -> str | None:
+    """The weights checksum of the document encoder that built the index saved in ``root`` (None: none)."""
+    if not (root / "index" / MANIFEST_NAME).is_file():
+        return None
+    try:
+        return read_manifest(root / "index").encoder_checksum or None
+    except (RagError, ValueError, OSError):
+        return None
+
+
 @dataclass
 class PassageIndex:
     """A dense index over your own passages, saved to a folder and reloadable (ColBERT's Indexer/Searcher).
@@ -225,28 +245,39 @@ class PassageIndex:
     ) -> PassageIndex:
         """Embed ``passages`` (see :func:`as_passages`) with ``doc_encoder`` into an index of ``kind``
         (flat | hnsw | hnsw_sq8 | ivfpq) saved in ``path``; an index there that already fits (same passages,
-        encoder and kind) is loaded instead."""
+        encoder and kind) is loaded instead. Other passages or another encoder than the folder's are embedded
+        afresh (as everything is with ``rebuild``); ``passages.jsonl`` is written once the index is saved."""
         passages = as_passages(passages)
         if kind not in INDEX_KINDS:
             raise ApiError(f"unknown index kind {kind!r}: choose one of {', '.join(INDEX_KINDS)}")
         root = Path(path).expanduser()
+        if root.exists() and not root.is_dir():
+            raise ApiError(f"{root} is a file: give a folder (new or an index's) to save the index in")
+        try:
+            empty = DenseIndex.create(kind, verbose=False, **index_params)
+        except TypeError as err:
+            raise ApiError(f"index kind {kind!r} cannot take {sorted(index_params)} ({err})") from None
+        stored = _stored_passages(root)
+        own_encoder = doc_encoder.weights_checksum()
+        fresh = rebuild or stored != passages or _stored_encoder(root) not in (None, own_encoder)
         root.mkdir(parents=True, exist_ok=True)
-        write_passages(root / PASSAGES_FILE, passages)
         result = build.ensure_index(
             passages,
             doc_encoder,
-            DenseIndex.create(kind, verbose=False, **index_params),
+            empty,
             root / "index",
             root / "embeddings",
-            embed={"batch_size": batch_size, "show_progress": False},
+            embed={"batch_size": batch_size, "show_progress": False, "overwrite": fresh},
             rebuild=rebuild,
             rebuild_command="model.index(passages, path, rebuild=True)",
             corpus_name=root.name,
         )
+        if stored != passages:  # only now: the folder's passages are those of its index
+            write_passages(root / PASSAGES_FILE, passages)
         doc_embeds = open_embeddings(result.embeddings_dir, expected_rows=len(passages))
         retriever = DenseRetriever(result.index, passages, None, doc_embeds=doc_embeds)
         log.info(f"index of {len(passages):,} passages ({kind}, {doc_encoder.name}) in {root}")
-        return cls(root, passages, retriever, doc_encoder.name, doc_encoder.weights_checksum())
+        return cls(root, passages, retriever, doc_encoder.name, own_encoder)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PassageIndex:
@@ -272,6 +303,9 @@ class PassageIndex:
 
 # ------------------------------------------------------------------------------------------------ overrides
 
+#: config nodes whose keys are open (transformers generation settings): overrides below them may add keys
+OPEN_NODES = ("model.generation",)
+
 
 def _hydra_value(value: Any) -> str:
     if value is None:
@@ -288,40 +322,151 @@ def _hydra_value(value: Any) -> str:
     return f"'{text}'"
 
 
+def _open(key: str) -> bool:
+    return any(key.startswith(f"{node}.") for node in OPEN_NODES)
+
+
 def override_strings(overrides: Mapping[str, Any] | Sequence[str], prefix: str = "") -> list[str]:
-    """Command-line overrides (``++model.eval_n_docs=5``) from a nested mapping; strings pass through."""
+    """Command-line overrides (``model.eval_n_docs=5``) from a nested mapping; strings pass through.
+
+    Every key must be one the config has (a typo fails when the config is composed), except below
+    :data:`OPEN_NODES` (``model.generation``), whose settings may be new (``++model.generation.top_k=5``).
+    """
     if not isinstance(overrides, Mapping):
-        return [str(o) for o in overrides]
+        if isinstance(overrides, str):
+            raise ApiError(f"overrides={overrides!r}: pass a list of key=value strings or a mapping")
+        out = [str(o) for o in overrides]
+        for item in out:
+            key, sep, _ = item.partition("=")
+            if not key.strip("+~") or not (sep or key.startswith("~")):
+                raise ApiError(f"override {item!r} is not key=value: write e.g. model.eval_n_docs=10")
+        return out
     out = []
     for key, value in overrides.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
             out.extend(override_strings(value, f"{name}."))
         else:
-            out.append(f"++{name}={_hydra_value(value)}")
+            out.append(f"{'++' if _open(name) else ''}{name}={_hydra_value(value)}")
     return out
 
 
 def override_mapping(overrides: Mapping[str, Any] | Sequence[str]) -> dict:
-    """A nested mapping (what :func:`rag.build.load_checkpoint` merges) from ``key.sub=value`` strings."""
-    import yaml
-
+    """A nested mapping (what :func:`rag.build.load_checkpoint` merges) from ``key.sub=value`` strings, their
+    values read as the command line reads them (``1e-5`` a float, ``'text'`` a string, ``[1,2]`` a list)."""
     if isinstance(overrides, Mapping):
-        return dict(overrides)
+        return _nested(overrides)
+    if isinstance(overrides, str):
+        raise ApiError(f"overrides={overrides!r}: pass a list of key=value strings or a mapping")
     out: dict = {}
     for item in overrides:
-        key, sep, value = str(item).lstrip("+").partition("=")
-        if not sep or not key or key.startswith("~"):
-            raise ApiError(
-                f"override {item!r} is not key=value: a checkpoint's config takes settings such as "
-                "model.eval_n_docs=10 (groups and deletions apply to experiments, not checkpoints)"
-            )
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value) if value else ""
+        _put(out, *_parse_override(str(item)), item)
     return out
+
+
+def _nested(mapping: Mapping[str, Any]) -> dict:
+    """A copy of ``mapping`` with dotted keys (``{"model.eval_n_docs": 5}``) nested."""
+    out: dict = {}
+    for key, value in mapping.items():
+        _put(out, str(key), _nested(value) if isinstance(value, Mapping) else value, key)
+    return out
+
+
+def _put(out: dict, key: str, value: Any, given: Any) -> None:
+    """Set the dotted ``key`` of the nested ``out`` to ``value``, merging mappings."""
+    node = out
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ApiError(
+                f"override {given!r} sets a key below {part}, which another override set to a value"
+            )
+    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        for k, v in value.items():
+            _put(node[leaf], k, v, given)
+    else:
+        node[leaf] = value
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    """``(key, value)`` of one ``key=value`` override, parsed by Hydra's command-line grammar."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    hint = (
+        "a checkpoint's config takes settings such as model.eval_n_docs=10 (groups and deletions apply to "
+        "experiments, not checkpoints)"
+    )
+    key, sep, _ = item.lstrip("+").partition("=")
+    if not sep or not key or key.startswith("~"):
+        raise ApiError(f"override {item!r} is not key=value: {hint}")
+    try:
+        override = OverridesParser.create().parse_override(item)
+    except HydraException as err:
+        raise ApiError(f"override {item!r} cannot be read ({_first_line(err)}): {hint}") from None
+    if override.is_sweep_override():
+        raise ApiError(f"override {item!r} lists several values: give one value per key")
+    return override.key_or_group, override.value()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _composition_error(err: BaseException, experiment: str) -> ApiError:
+    """One line for Hydra's failure to compose ``experiment`` with the overrides given."""
+    text = str(err)
+    bad_key = re.search(r"Could not override '([^']+)'", text)
+    if bad_key:
+        key = bad_key.group(1)
+        return ApiError(
+            f"overrides: {key} is not a key of the rag-train config of experiment {experiment!r}: check its "
+            f"spelling (rag-train experiment={experiment} --cfg job prints the keys), or write '+{key}=...' to "
+            "add a new one"
+        )
+    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = re.findall(r"^\t(\S+)$", text, re.M)
+        allowed = f": choose one of {', '.join(options)}" if options else ""
+        return ApiError(f"{group}={option} is not a config of conf/{group}/{allowed}")
+    return ApiError(
+        f"the rag-train config of experiment {experiment!r} does not compose with the overrides given: "
+        f"{_first_line(err)}"
+    )
+
+
+def _compose(experiment: str, settings: Sequence[str]) -> DictConfig:
+    """:func:`rag.build.compose_train_config`, Hydra's composition errors as one :class:`ApiError` line."""
+    from hydra.errors import HydraException
+
+    try:
+        return build.compose_train_config(experiment, settings)
+    except HydraException as err:  # ConfigCompositionException, OverrideParseException
+        raise _composition_error(err, experiment) from None
+
+
+def _check_keys(config: DictConfig, mapping: Mapping[str, Any], where: str, prefix: str = "") -> None:
+    """Every key of ``mapping`` is one ``config`` (described as ``where``) has; below :data:`OPEN_NODES` any."""
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if _open(f"{name}."):
+            continue
+        if not isinstance(config, DictConfig) or key not in list(config.keys()):  # ??? values too
+            raise ApiError(f"overrides: {name} is not a key of {where}: check its spelling")
+        child = OmegaConf.select(config, key, throw_on_resolution_failure=False)
+        if isinstance(value, Mapping) and value:
+            if not isinstance(child, DictConfig):
+                raise ApiError(f"overrides: {name} is a value in {where}, not a node with settings")
+            _check_keys(child, value, where, f"{name}.")
+        elif isinstance(child, DictConfig) and not isinstance(value, Mapping):
+            raise ApiError(
+                f"overrides: {name} is a config node (its settings are {name}.<key>=...), not a value; a "
+                "checkpoint keeps the groups it was trained with"
+                + (" (another index: index_kind=...)" if name in ("index", "retriever.index") else "")
+            )
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -330,11 +475,22 @@ def override_mapping(overrides: Mapping[str, Any] | Sequence[str]) -> dict:
 SourceKind = Literal["shipped", "reference_root", "reference_folder", "checkpoint", "transformers"]
 
 
+#: suffixes of the files that hold passages, not a model (see :mod:`rag.data.corpus`)
+PASSAGE_SUFFIXES = (".jsonl", ".json", ".tsv", ".csv", ".txt", ".md", ".gz", ".parquet", ".arrow")
+#: the first bytes of what torch.save writes: a zip archive, or (before torch 1.6) a pickle
+CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+SOURCES_HINT = (
+    "give 'reference', 'reference-closed-book', a .ckpt written by rag-train, a reference-style folder, a "
+    "transformers RAG folder or hub name (facebook/rag-token-nq)"
+)
+
+
 def _source_kind(source: str) -> tuple[SourceKind, Path | None]:
     if source in SHIPPED:
         return "shipped", None
     path = Path(source).expanduser()
     if path.is_file():
+        _check_checkpoint_file(path)
         return "checkpoint", path
     if path.is_dir():
         if (path / "MANIFEST.json").is_file() and (path / "rag" / "generator").is_dir():
@@ -347,12 +503,98 @@ def _source_kind(source: str) -> tuple[SourceKind, Path | None]:
             f"{path} is a folder but not a model: give a reference-style folder (generator/ and query_encoder/ "
             "deltas), a transformers RAG folder (config.json), a .ckpt written by rag-train, or 'reference'"
         )
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+    if _missing_path(source):
+        raise ApiError(f"no such file or folder {path}: {SOURCES_HINT}")
+    if source.count("/") == 1:
         return "transformers", None  # a hub name such as facebook/rag-token-nq
-    raise ApiError(
-        f"no model {source!r}: give 'reference', 'reference-closed-book', a .ckpt written by rag-train, a "
-        "reference-style folder, a transformers RAG folder or hub name (facebook/rag-token-nq)"
+    raise ApiError(f"no model {source!r}: {SOURCES_HINT}")
+
+
+def _missing_path(name: str) -> bool:
+    """Whether ``name``, which does not exist, was meant as a local path rather than a hub name: it starts
+    like a path, has more than one ``/``, ends in ``.ckpt``, or its parent folder exists (runs/last.ckpt)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return False
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or path.suffix in (".ckpt", ".pt", ".pth")
+        or ("/" in name and path.parent.is_dir())
     )
+
+
+def _check_checkpoint_file(path: Path) -> None:
+    """A file given as a model is a torch checkpoint (its first bytes), not passages or anything else."""
+    if path.suffix.lower() in PASSAGE_SUFFIXES:
+        raise ApiError(
+            f"{path} is a passage file, not a model: load a model (rag.load('reference') or a .ckpt) and pass "
+            "it as passages=... or to model.index(...)"
+        )
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        raise ApiError(f"cannot read {path} ({err.strerror}): {SOURCES_HINT}") from None
+    if not head.startswith(CHECKPOINT_MAGIC):
+        raise ApiError(f"{path} is not a checkpoint (a .ckpt written by rag-train): {SOURCES_HINT}")
+
+
+def _check_device(device: str | torch.device | None) -> None:
+    if device is None:
+        return
+    try:
+        wanted = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ApiError(f"device={device!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:1'") from None
+    if wanted.type == "cuda" and not torch.cuda.is_available():
+        raise ApiError(f"device={device!r} but torch sees no CUDA GPU here: use device='cpu'")
+    if wanted.type == "cuda" and wanted.index is not None and wanted.index >= torch.cuda.device_count():
+        raise ApiError(f"device={device!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s) here")
+    if wanted.type == "mps" and not torch.backends.mps.is_available():
+        raise ApiError(f"device={device!r} but MPS is not available here: use device='cpu'")
+
+
+def _load_checkpoint(
+    path: Path, overrides: Mapping[str, Any] | Sequence[str], cache_dir: Any, index_kind: str | None
+) -> tuple[Any, DictConfig]:
+    """:func:`rag.build.load_checkpoint` with ``overrides`` checked against the stored config first, and
+    ``index_kind`` built over the checkpoint's own corpus from the embeddings its own index was built from
+    (``overrides``' ``index`` settings then apply to the new kind)."""
+    mapping = override_mapping(overrides)
+    if not mapping and not index_kind:
+        if cache_dir is not None:
+            mapping["cache_dir"] = str(cache_dir)
+        return build.load_checkpoint(path, mapping or None)
+    stored = build.checkpoint_config(path)
+    index_node = None
+    if index_kind:
+        mode = build.retriever_mode(stored)
+        if mode not in ("learned", "frozen"):
+            raise ApiError(
+                f"index_kind={index_kind}: the model in {path} does not search a dense index ({mode} retriever)"
+            )
+        index_node = OmegaConf.load(Path(build.conf_dir()) / "index" / f"{index_kind}.yaml")
+        if stored.index.get("_target_") == index_node._target_:
+            index_node = None  # the checkpoint's own kind, with its own settings
+        else:
+            settings = mapping.pop("index", None) or {}
+            _check_keys(index_node, settings, f"conf/index/{index_kind}.yaml", "index.")
+            index_node.verbose = stored.index.get("verbose", index_node.verbose)
+            index_node = OmegaConf.merge(index_node, settings)
+    _check_keys(stored, mapping, f"the config stored in {path}")
+    if cache_dir is not None:
+        mapping["cache_dir"] = str(cache_dir)
+    if index_node is not None:
+        # the whole node, not merged into the stored one (whose kind takes other settings); the index folder
+        # is the new kind's default, the embeddings folder the one the checkpoint's own index was built from
+        mapping.setdefault("retriever", {})["index"] = OmegaConf.to_container(index_node)
+        mapping.setdefault("index_dir", None)
+    lit_module, config = build.load_checkpoint(path, mapping)
+    if index_node is not None:  # the config as if composed with index=<kind>
+        config.index = index_node
+        config.retriever.index = "${index}"
+    return lit_module, config
 
 
 class _Holder(torch.nn.Module):
@@ -392,6 +634,8 @@ class RAG:
         self._doc_encoder = doc_encoder
         self._own_retriever = model.retriever
         self.passage_index: PassageIndex | None = None
+        self._uncapped_k: tuple[int | None] | None = None  # eval_n_docs before _cap_k capped it
+        self._cap_k()
 
     # -------------------------------------------------------------------------------- loading
 
@@ -421,8 +665,9 @@ class RAG:
             decoder: ``token_greedy`` | ``token_beam`` | ``sequence_thorough`` | ``sequence_fast``; None: the
                 head's own.
             device: where the model runs (``"cuda"``); the index stays on the CPU.
-            index_kind: ``flat`` (exact) | ``hnsw`` | ``hnsw_sq8`` | ``ivfpq`` for the model's corpus; None:
-                the model's own.
+            index_kind: ``flat`` (exact) | ``hnsw`` | ``hnsw_sq8`` | ``ivfpq`` for the model's corpus (a
+                checkpoint's is built from the embeddings of its own index; ``overrides``' ``index`` settings
+                apply to the new kind); None: the model's own.
             cache_dir: where indexes and embeddings are cached; None: ``$RAG_HOME`` or ``~/.cache/rag``.
             doc_encoder: transformers RAG sources only: the document encoder (name or folder) its index is
                 built with; None: the released models' DPR context encoder.
@@ -431,10 +676,12 @@ class RAG:
             experiment: the rag-train experiment whose corpus / document encoder / index a non-checkpoint
                 source takes (default ``miniwiki_rag_token``).
             overrides: further rag-train config settings, ``["model.max_context_length=256"]`` or a nested
-                mapping.
+                mapping; every key must be one the config has (``model.generation`` settings may be new).
 
         >>> model = RAG.from_pretrained("reference", n_docs=5, decoder="token_greedy")
         """
+        if not isinstance(source, (str, os.PathLike)):
+            raise ApiError(f"source must be a name or a path, got {type(source).__name__}: {SOURCES_HINT}")
         source = os.fspath(source)
         if head is not None and head not in HEADS:
             raise ApiError(f"head must be one of {HEADS}, got {head!r}")
@@ -444,36 +691,54 @@ class RAG:
             raise ApiError(f"index_kind must be one of {', '.join(INDEX_KINDS)}, got {index_kind!r}")
         if n_docs is not None and (isinstance(n_docs, bool) or not isinstance(n_docs, int) or n_docs < 1):
             raise ApiError(f"n_docs must be a positive integer, got {n_docs!r}")
+        _check_device(device)
         own = None if passages is None else as_passages(passages)
         kind, path = _source_kind(source)
+        if doc_encoder is not None and kind != "transformers":
+            raise ApiError(
+                f"doc_encoder= applies to transformers RAG sources; {source!r} brings its own document encoder"
+            )
+        if experiment is not None and kind == "checkpoint":
+            raise ApiError(
+                f"experiment= applies to sources without a config; the checkpoint {path} carries its own (change "
+                "its settings with overrides=...)"
+            )
         settings = override_strings(overrides)
         if cache_dir is not None:
-            settings.append(f"++cache_dir={_hydra_value(str(cache_dir))}")
+            settings.append(f"cache_dir={_hydra_value(str(cache_dir))}")
         lit_module, config = None, None
         if kind == "checkpoint":
-            mapping = override_mapping(overrides)
-            if cache_dir is not None:
-                mapping["cache_dir"] = str(cache_dir)
-            lit_module, config = build.load_checkpoint(path, mapping or None)
+            lit_module, config = _load_checkpoint(path, overrides, cache_dir, index_kind)
             model = lit_module.model
         elif kind == "transformers":
-            from rag.interop import RELEASED_CONTEXT_ENCODER, rag_model_from_transformers
+            from rag.interop import (
+                RELEASED_CONTEXT_ENCODER,
+                inspect_transformers_rag,
+                rag_model_from_transformers,
+            )
 
+            rag_source = source if path is None else str(path)
+            inspect_transformers_rag(rag_source)  # a clear error before any index is built
             encoder = doc_encoder or RELEASED_CONTEXT_ENCODER
+            if _missing_path(encoder):
+                raise ApiError(
+                    f"doc_encoder={encoder}: no such folder; give a DPR context encoder folder or hub name "
+                    f"(default {RELEASED_CONTEXT_ENCODER})"
+                )
             settings = [
                 "doc_encoder=dpr_nq",
                 f"doc_encoder.model_name_or_path={_hydra_value(encoder)}",
                 *([f"index={index_kind}"] if index_kind else []),
                 *settings,
             ]
-            config = build.compose_train_config(experiment or BASE_EXPERIMENT, settings)
+            config = _compose(experiment or BASE_EXPERIMENT, settings)
             if own is not None:
                 doc = build.instantiate(config.doc_encoder)
                 retriever = _cached_index(own, doc, config.cache_dir, index_kind or "flat").retriever
             else:
                 doc = None
                 retriever = build.build_retriever(config)
-            model = rag_model_from_transformers(source if path is None else str(path), retriever)
+            model = rag_model_from_transformers(rag_source, retriever)
             rag_model = cls(model, config=config, source=source, doc_encoder=doc)
             own = None  # already attached
         else:
@@ -487,23 +752,12 @@ class RAG:
                 name = experiment or (CLOSED_BOOK_EXPERIMENT if closed_book else BASE_EXPERIMENT)
             if index_kind:
                 settings.insert(0, f"index={index_kind}")
-            config = build.compose_train_config(name, settings)
+            config = _compose(name, settings)
             model = build.build_model(config)
             if kind == "reference_folder":
                 build.init_weights(_Holder(model), path)
         if kind != "transformers":
             rag_model = cls(model, config=config, source=source, lit_module=lit_module)
-        if (
-            kind == "checkpoint"
-            and index_kind
-            and isinstance(model.retriever, DenseRetriever)
-            and model.retriever.index.kind != index_kind
-        ):
-            passages_of = list(model.retriever.passages)
-            rag_model.use_index(
-                _cached_index(passages_of, rag_model.doc_encoder, config.cache_dir, index_kind)
-            )
-            rag_model._own_retriever = model.retriever
         if own is not None:
             rag_model.use_index(
                 _cached_index(own, rag_model.doc_encoder, config.cache_dir, index_kind or "flat")
@@ -528,8 +782,10 @@ class RAG:
             if decoder not in DECODERS:
                 raise ApiError(f"decoder must be one of {DECODERS}, got {decoder!r}")
             m.decoder = decoder
+        _check_device(device)
         if n_docs is not None:
             m.eval_n_docs = self._k(n_docs)
+            self._uncapped_k = None  # chosen, not capped
         if device is not None:
             m.to(device)
             if self._doc_encoder is not None:
@@ -593,11 +849,11 @@ class RAG:
 
     # -------------------------------------------------------------------------------- answering
 
-    def retrieve(
-        self, questions: Sequence[Question | str], n_docs: int | None = None
-    ) -> RetrievalOutput | None:
+    def retrieve(self, questions: Sequence[Question | str], n_docs: int | None = None) -> RetrievalOutput:
         """The K passages of each of B questions, best first: ``doc_ids`` (B, K), ``doc_scores`` (B, K)."""
         questions = _questions(questions)
+        if self.model.closed_book:
+            raise ApiError("a closed-book model retrieves no passages: load a RAG model to retrieve")
         with torch.no_grad():
             return self.model.retrieve(questions, self._k(n_docs))
 
@@ -740,7 +996,9 @@ class RAG:
                 "RAG model to index passages"
             )
         if path is None:
-            index = _cached_index(passages, self.doc_encoder, self._cache_dir(), kind)
+            index = _cached_index(
+                passages, self.doc_encoder, self._cache_dir(), kind, batch_size=batch_size, rebuild=rebuild
+            )
         else:
             index = PassageIndex.build(
                 passages, self.doc_encoder, path, kind=kind, batch_size=batch_size, rebuild=rebuild
@@ -754,7 +1012,10 @@ class RAG:
         if index is None:
             self.model.retriever = self._own_retriever
             self.passage_index = None
+            self._cap_k()
             return self
+        if not isinstance(index, (PassageIndex, str, os.PathLike)):
+            raise ApiError(f"index must be a rag.PassageIndex or its folder, got {type(index).__name__}")
         if not isinstance(index, PassageIndex):
             index = PassageIndex.load(index)
         if self.model.query_encoder is None:
@@ -773,7 +1034,22 @@ class RAG:
             )
         self.model.retriever = index.retriever
         self.passage_index = index
+        self._cap_k()
         return self
+
+    def _cap_k(self) -> None:
+        """Read at most as many passages as the index holds by default (explicit ``n_docs`` are checked)."""
+        m = self.model
+        if self._uncapped_k is not None:
+            m.eval_n_docs = self._uncapped_k[0]
+            self._uncapped_k = None
+        if m.retriever is None or m.closed_book:
+            return
+        k, n = m.eval_n_docs or m.n_docs, m.retriever.n_passages
+        if k > n:
+            log.info(f"the index holds {n} passages, fewer than the default K={k}: reading {n} per question")
+            self._uncapped_k = (m.eval_n_docs,)
+            m.eval_n_docs = n
 
     def _cache_dir(self) -> str:
         if self.config is not None and self.config.get("cache_dir"):
@@ -781,11 +1057,24 @@ class RAG:
         return os.environ.get("RAG_HOME", "~/.cache/rag")
 
 
-def _cached_index(passages: list[Passage], doc_encoder: BertEncoder, cache: str, kind: str) -> PassageIndex:
+def _cached_index(
+    passages: list[Passage],
+    doc_encoder: BertEncoder,
+    cache: str,
+    kind: str,
+    *,
+    batch_size: int = 64,
+    rebuild: bool = False,
+) -> PassageIndex:
     """A :class:`PassageIndex` of ``passages`` in the cache, named by their checksum and the encoder."""
     name = f"own-{corpus_checksum(passages)[:12]}-{doc_encoder.name}-{kind}"
     return PassageIndex.build(
-        passages, doc_encoder, Path(cache).expanduser() / "passage_indexes" / name, kind=kind
+        passages,
+        doc_encoder,
+        Path(cache).expanduser() / "passage_indexes" / name,
+        kind=kind,
+        batch_size=batch_size,
+        rebuild=rebuild,
     )
 
 

@@ -42,6 +42,7 @@ from rag.retrieval.index import DenseIndex
 from rag.retrieval.indexer import (
     IndexResult,
     cache_dir,
+    default_cache_dir,
     default_embeddings_dir,
     default_index_dir,
     ensure_index,
@@ -189,7 +190,7 @@ def dense_retriever(
     index: DenseIndex,
     *,
     corpus_name: str,
-    cache_dir: str = "~/.cache/rag",
+    cache_dir: str | None = None,
     index_dir: str | None = None,
     embeddings_dir: str | None = None,
     embed: dict | None = None,
@@ -205,6 +206,7 @@ def dense_retriever(
     """
     log.info(f"corpus {corpus_name}: {len(passages):,} passages")
     embed = dict(embed or {})
+    cache_dir = cache_dir or str(default_cache_dir())
     result = ensure_index(
         passages,
         doc_encoder,
@@ -428,7 +430,7 @@ def load_checkpoint(path: str | os.PathLike, overrides: dict | DictConfig | None
     stored_cache = Path(str(cfg.get("cache_dir", ""))).expanduser()
     if not stored_cache.is_dir():
         # the run was trained where another cache folder existed: use this machine's, and say so
-        cfg.cache_dir = os.environ.get("RAG_HOME", "~/.cache/rag")
+        cfg.cache_dir = str(default_cache_dir())
         log.warning(
             f"the checkpoint's cache_dir {stored_cache} does not exist here: indexes are looked up (and "
             f"built if missing) in {cfg.cache_dir}; set RAG_HOME or pass cache_dir=... to choose"

@@ -15,7 +15,6 @@ table serves every command. To check a new key, add a line to :data:`CHOICES`.
 from __future__ import annotations
 
 import difflib
-import fnmatch
 from collections.abc import Callable, Iterator
 from functools import cache
 
@@ -25,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rag.config_dir import conf_dir
 from rag.errors import ConfigError
 
-__all__ = ["CHOICES", "INDEX_NODES", "REQUIRED_GROUPS", "allowed_values", "problems", "validate"]
+__all__ = ["CHOICES", "INDEX_NODES", "REQUIRED_GROUPS", "problems", "validate"]
 
 
 def _heads() -> tuple:
@@ -126,14 +125,6 @@ def _index_kinds() -> dict[str, str]:
 
 def _index_kind_names() -> tuple:
     return tuple(dict.fromkeys(_index_kinds().values()))
-
-
-def allowed_values(path: str) -> tuple | None:
-    """The values ``path`` may take (None where the table does not constrain it)."""
-    for pattern, values in CHOICES.items():
-        if fnmatch.fnmatchcase(path, pattern):
-            return values()
-    return None
 
 
 def _paths(cfg: DictConfig, pattern: str) -> Iterator[str]:

@@ -9,7 +9,7 @@ val / test, over all sets of the split and, when a split mixes several, per set 
 
 Checkpoints hold the trainable weights (query encoder in learned mode, generator), the optimiser state and
 the run's config (``hparams.run_config``), never the index, the passages or a frozen query encoder: loading
-rebuilds the model from that config and re-attaches the retriever (``rag.cli.train.load_checkpoint``).
+rebuilds the model from that config and re-attaches the retriever (``rag.build.load_checkpoint``).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from rag.errors import RagError
 from rag.evaluation import Prediction, score_records
 from rag.model import RagModel
 
-__all__ = ["OptimConfig", "RagLitModule", "prediction_record", "score_records"]
+__all__ = ["OptimConfig", "RagLitModule", "prediction_record"]
 
-#: kept for callers of the old names; records are rag.evaluation.Prediction, scored by rag.evaluation
+#: kept for callers of the old name (tests/test_lit_module.py); records are rag.evaluation.Prediction
 prediction_record = Prediction.from_answer
 
 SCHEDULERS = ("constant", "linear", "polynomial")
@@ -93,7 +93,7 @@ class RagLitModule(pl.LightningModule):
     """Training / validation / test steps, logging and optimiser of a :class:`RagModel`.
 
     Args:
-        model: the RagModel (built by the caller, e.g. ``rag.cli.train.build_model``).
+        model: the RagModel (built by the caller, e.g. ``rag.build.build_model``).
         optim: :class:`OptimConfig` (or the dict of its fields, as a checkpoint stores it).
         recall_ks: the k of answer / gold-passage recall@k at validation and test (k above the number of
             passages read is dropped; that number itself is always reported).

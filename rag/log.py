@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 
 from rag.errors import ConfigError
@@ -151,8 +152,15 @@ def configure_logging(verbosity: int | str | None = None, *, all_ranks: bool | N
 
 def configure_from_env() -> bool:
     """:func:`configure_logging` if ``$RAG_LOG_LEVEL`` is set (to turn the package's lines on without code);
-    returns whether it did. ``rag/__init__.py`` calls it on import."""
-    if not os.environ.get(LEVEL_VARIABLE):
+    returns whether it did. ``rag/__init__.py`` calls it on import, so a value it does not know is a warning
+    (one line) and the level ``info``, never an error that stops ``import rag``."""
+    value = os.environ.get(LEVEL_VARIABLE)
+    if not value:
         return False
-    configure_logging()
+    try:
+        parse_level(value)
+    except ConfigError as err:
+        warnings.warn(f"{LEVEL_VARIABLE}={value!r} ignored, logging at info: {err}", stacklevel=2)
+        value = "info"
+    configure_logging(value)
     return True

@@ -25,7 +25,7 @@ keeps the MiniLM embeddings and lower layers fixed, which also keeps its shipped
 
 The retriever (index, stored document embeddings, passages) is a plain attribute, never a registered module
 or parameter: it is not in ``state_dict()`` and never goes into a checkpoint; whoever loads a checkpoint
-re-attaches it (``rag.cli.train.build_model`` does, from the run's config).
+re-attaches it (``rag.build.build_model`` does, from the run's config).
 """
 
 from __future__ import annotations

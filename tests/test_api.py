@@ -252,11 +252,104 @@ def test_an_index_built_by_another_encoder_is_refused(smoke, reference, tmp_path
         other.use_index(tiny_index)
 
 
+def test_a_folder_takes_other_passages_and_keeps_its_own_until_the_new_index_is_saved(
+    smoke, tmp_path, monkeypatch
+):
+    folder = tmp_path / "mine"
+    smoke.index(PLANTED, folder, use=False)
+    other = ["Quux has three moons.", *PLANTED[1:]]
+    assert [p.text for p in smoke.index(other, folder, use=False).passages] == other
+    assert [p.text for p in PassageIndex.load(folder).passages] == other
+    assert smoke.index(PLANTED, folder, use=False, rebuild=True).retriever.n_passages == 3
+
+    def fails(*args, **kwargs):
+        raise rag.RagError("the build failed")
+
+    monkeypatch.setattr(build, "ensure_index", fails)
+    with pytest.raises(rag.RagError, match="the build failed"):
+        smoke.index(other, folder, use=False)
+    assert [p.text for p in PassageIndex.load(folder).passages] == PLANTED  # not the passages of no index
+
+
+def test_indexing_into_the_cache_takes_batch_size_and_rebuild(smoke, monkeypatch):
+    calls = []
+    real = build.ensure_index
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["embed"]["batch_size"], kwargs["rebuild"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "ensure_index", spy)
+    smoke.index(PLANTED, use=False, batch_size=2, rebuild=True)
+    assert calls == [(2, True)]
+
+
+def test_the_default_k_is_capped_at_a_smaller_index(smoke, tmp_path):
+    assert smoke.n_docs == 3
+    smoke.index(PLANTED[:2], tmp_path / "two")
+    try:
+        assert smoke.n_docs == 2
+        assert len(smoke.generate(SMOKE_QUESTIONS[:1])[0].passages) == 2
+        assert smoke.retrieve(SMOKE_QUESTIONS).doc_ids.shape == (2, 2)
+        with pytest.raises(ApiError, match="at most"):
+            smoke.generate(SMOKE_QUESTIONS, n_docs=3)
+    finally:
+        smoke.use_index(None)
+    assert smoke.n_docs == 3
+
+
 def test_loading_with_own_passages_and_another_index_kind(cache):
     model = RAG.from_pretrained("reference", experiment="smoke", cache_dir=cache, passages=PLANTED, n_docs=2)
     assert model.retriever.n_passages == 3 and model.n_docs == 2
     hnsw = RAG.from_pretrained("reference", experiment="smoke", cache_dir=cache, index_kind="hnsw")
     assert hnsw.retriever.index.kind == "hnsw" and hnsw.retriever.n_passages == 48
+
+
+def test_sources_and_options_that_cannot_load_fail_with_one_line_before_any_work(tmp_path, monkeypatch):
+    passages = tmp_path / "passages.jsonl"
+    passages.write_text(json.dumps({"id": "0", "title": "", "text": PLANTED[0]}) + "\n")
+    foreign = tmp_path / "weights.bin"
+    foreign.write_bytes(b"not a checkpoint")
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a model or an index was built before the source was checked")
+
+    monkeypatch.setattr(build, "build_retriever", no_work)
+    monkeypatch.setattr(build, "build_model", no_work)
+    monkeypatch.setattr(build, "instantiate", no_work)
+    cases = [
+        (lambda: rag.load(passages), "is a passage file, not a model"),
+        (lambda: rag.load(foreign), "is not a checkpoint"),
+        (lambda: rag.load("runs/last.ckpt"), "no such file or folder runs/last.ckpt"),
+        (lambda: rag.load("outputs/smoke/last.ckpt"), "no such file or folder"),
+        (lambda: rag.load(FIXTURES / "tiny_bert"), "not a transformers RAG one"),
+        (lambda: rag.load("reference", device="cudaa"), "is not a torch device"),
+        (lambda: rag.load("reference", doc_encoder="x/y"), "applies to transformers RAG sources"),
+        (lambda: rag.load("reference", experiment="smok"), "experiment=smok is not a config"),
+        (
+            lambda: rag.load("reference", overrides={"model": {"max_targt_length": 6}}),
+            "model.max_targt_length",
+        ),
+        (lambda: rag.load("reference", overrides="model.eval_n_docs=2"), "pass a list"),
+        (lambda: rag.load(42), "source must be a name or a path"),
+    ]
+    for call, message in cases:
+        with pytest.raises(rag.RagError, match=re.escape(message)):
+            call()
+    if not torch.cuda.is_available():
+        with pytest.raises(ApiError, match="no CUDA GPU"):
+            rag.load("reference", device="cuda")
+
+
+def test_a_closed_book_model_retrieves_nothing_and_says_so(cache):
+    closed = RAG.from_pretrained(
+        "reference", experiment="smoke", cache_dir=cache, overrides=["retriever=none"]
+    )
+    assert closed.model.closed_book and closed.generate(SMOKE_QUESTIONS[:1])[0].answer is not None
+    with pytest.raises(ApiError, match="closed-book"):
+        closed.retrieve(SMOKE_QUESTIONS)
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -297,6 +390,32 @@ def test_a_rag_train_checkpoint_loads_with_its_weights_and_options(smoke_checkpo
     assert [a.answer for a in answers] == [a.answer for a in model.model.generate(SMOKE_QUESTIONS, n_docs=2)]
     flat = rag.load(smoke_checkpoint, index_kind="hnsw", cache_dir=cache)
     assert flat.retriever.index.kind == "hnsw" and flat.retriever.n_passages == 48
+
+
+def test_another_index_kind_of_a_checkpoint_reuses_its_embeddings(smoke_checkpoint, cache, monkeypatch):
+    from rag.retrieval import indexer
+
+    computed, real = [], indexer.embed_corpus
+
+    def spy(*args, **kwargs):
+        report = real(*args, **kwargs)
+        computed.extend(report.computed)
+        return report
+
+    monkeypatch.setattr(indexer, "embed_corpus", spy)
+    model = rag.load(
+        smoke_checkpoint,
+        index_kind="ivfpq",
+        cache_dir=cache,
+        overrides={"index": {"nlist": 2, "pq_m": 8, "pq_nbits": 4}},
+    )
+    assert model.retriever.index.kind == "ivfpq" and model.retriever.n_passages == 48
+    assert model.passage_index is None and model.config.index._target_.endswith("IVFPQIndex")
+    assert computed == []  # built from the embeddings the checkpoint's own index was built from
+    with pytest.raises(ApiError, match="max_targt_length is not a key of the config stored in"):
+        rag.load(smoke_checkpoint, overrides=["model.max_targt_length=6"])
+    with pytest.raises(ApiError, match="index is a config node"):
+        rag.load(smoke_checkpoint, overrides=["index=hnsw"])
 
 
 def test_a_reference_style_folder_loads_its_own_weights(reference, tmp_path, cache):
@@ -376,14 +495,19 @@ def test_overrides_as_strings_or_mappings():
     }
     strings = override_strings(mapping)
     assert strings == [
-        "++model.eval_n_docs=5",
-        "++model.generation.num_beams=2",
-        "++model.decoder='token_beam'",
-        "++x=null",
+        "model.eval_n_docs=5",
+        "++model.generation.num_beams=2",  # generation settings are open: new ones may be added
+        "model.decoder='token_beam'",
+        "x=null",
     ]
     assert override_mapping(strings) == mapping
     with pytest.raises(ApiError, match="not key=value"):
         override_mapping(["~model.freeze"])
+    assert override_mapping(["optim.lr=1e-5", "a.b=[1,2]", "a.c='x y'", "a.d={k:1}"]) == {
+        "optim": {"lr": 1e-5},
+        "a": {"b": [1, 2], "c": "x y", "d": {"k": 1}},
+    }
+    assert override_mapping({"model.eval_n_docs": 5}) == {"model": {"eval_n_docs": 5}}
 
 
 def test_rag_evaluate_takes_the_reference_and_reports_recall_at_1_5_10_and_k(tmp_path, cache):

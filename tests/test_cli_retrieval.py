@@ -15,9 +15,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from rag.cli import CONF_DIR
 from rag.cli import eval_retrieval as eval_cli
 from rag.cli import index as index_cli
+from rag.config_dir import conf_dir
 from rag.errors import ConfigError
 from rag.retrieval.bm25 import BM25Index
 from rag.retrieval.embed import corpus_checksum, open_embeddings
@@ -95,7 +95,7 @@ def eval_overrides(setup, *extra) -> list[str]:
 
 
 def composed(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         return compose(config_name=name, overrides=overrides)
 
 

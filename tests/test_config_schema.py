@@ -213,6 +213,15 @@ def test_every_command_has_its_own_help(module, argv, prog, monkeypatch, capsys)
     assert ".log" in out and "== Config" in out and "Traceback" not in out
 
 
+def test_rag_convert_alone_prints_its_usage_on_help(monkeypatch, capsys):
+    from rag.cli import convert as convert_cli
+
+    for flag in ("-h", "--help"):
+        code, _ = run_main(monkeypatch, convert_cli, ["rag-convert", flag])
+        out = capsys.readouterr().out
+        assert code == 0 and out.startswith("``rag-convert``") and "usage: rag-convert import" in out
+
+
 def test_argparse_commands_take_v_and_q():
     parser = argparse.ArgumentParser()
     add_verbosity_flags(parser)
@@ -261,6 +270,31 @@ def test_the_entry_returns_the_objective_and_logs_to_its_own_file(tmp_path, monk
     logging.getLogger("rag").handlers[:] = [
         h for h in logging.getLogger("rag").handlers if not isinstance(h, logging.FileHandler)
     ]
+
+
+def test_a_misspelled_objective_fails_before_the_run(monkeypatch, capsys):
+    code, _ = run_main(monkeypatch, train_cli, ["rag-train", "experiment=smoke", "objective=val/emm"])
+    err = capsys.readouterr().err
+    assert code == 2 and "objective=val/emm is not a metric" in err
+    assert "did you mean objective=val/em?" in err
+    for good in ("val/em", "test/f1", "val/answer_recall@5", "val/nq/em", "global_step"):
+        check_overrides("train", ["experiment=smoke", f"objective={good}"], "rag-train")
+
+
+def test_a_failed_trial_of_a_multirun_does_not_end_the_sweep(tmp_path, monkeypatch, capsys):
+    from rag.cli.app import hydra_entry
+
+    argv = ["rag-train", "-m", "experiment=smoke", f"ckpt_path={tmp_path / 'missing.ckpt'}", "seed=1,2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "objective=val/em", f"hydra.sweep.dir={tmp_path / 'a'}"])
+    values = hydra_entry(train_cli.run, "train", "rag-train")
+    assert len(values) == 2 and all(v != v for v in values)  # nan: the sweeper ranks the trial last
+    err = capsys.readouterr().err
+    assert err.count("this run failed: ckpt_path=") == 2
+    monkeypatch.setattr(sys, "argv", [*argv, f"hydra.sweep.dir={tmp_path / 'b'}"])
+    assert hydra_entry(train_cli.run, "train", "rag-train") == [None, None]
+    # a single run still fails at once, exit status 1
+    code, _ = run_main(monkeypatch, train_cli, [argv[0], *argv[2:4]])
+    assert code == 1 and "is not a file" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ debug, hparams_search

@@ -79,9 +79,9 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from rag.cli import CONF_DIR
+    from rag.config_dir import conf_dir
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=overrides)
 
 

@@ -41,9 +41,9 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from rag import interop
-from rag.cli import CONF_DIR
 from rag.cli import convert as convert_cli
 from rag.cli import evaluate as evaluate_cli
+from rag.config_dir import conf_dir
 from rag.data.miniwiki import load_corpus, load_questions
 from rag.generation.context import build_context_inputs
 from rag.generation.generator import Generator, build_tiny_bart
@@ -584,7 +584,7 @@ def test_mismatched_tokenizers_are_refused_before_the_weights_load(released, mon
 
 
 def compose(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         return compose_config(name, overrides)
 
 

@@ -12,8 +12,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from test_model import make_model, parts  # noqa: F401  (the module-scoped fixture of tiny parts)
 
 from rag.data.datamodule import RagDataModule
-from rag.evaluation import Prediction
-from rag.lit_module import LitModuleError, OptimConfig, RagLitModule, prediction_record, score_records
+from rag.evaluation import Prediction, score_records
+from rag.lit_module import LitModuleError, OptimConfig, RagLitModule, prediction_record
 from rag.metrics import has_answer
 
 

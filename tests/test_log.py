@@ -135,3 +135,38 @@ def test_the_handler_writes_to_the_current_stderr(rag_logger, capfd):
     configure_logging("info")
     logging.getLogger("rag.model").info("to the file descriptor")
     assert "[rag.model] to the file descriptor" in capfd.readouterr().err
+
+
+def test_a_bad_environment_level_warns_and_logs_at_info(rag_logger, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("RAG_LOG_LEVEL", "loud")
+    with pytest.warns(UserWarning, match="RAG_LOG_LEVEL='loud' ignored, logging at info"):
+        assert configure_from_env()
+    assert rag_logger.level == logging.INFO
+    # `import rag` calls it: a typo in the variable must not make the package unimportable
+    done = subprocess.run([sys.executable, "-c", "import rag"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "RAG_LOG_LEVEL='loud' ignored" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_missing_config_folder_is_one_line_not_a_trace_at_import(monkeypatch, capsys, tmp_path):
+    import importlib
+    import sys
+
+    import rag.cli
+    import rag.config_dir
+
+    monkeypatch.setattr(rag.config_dir, "PACKAGE", tmp_path / "rag")  # neither <repo>/conf nor rag/conf
+    importlib.reload(rag.cli)  # importing rag.cli does not look for the configs
+    with pytest.raises(ConfigError, match="no config folder"):
+        rag.cli.CONF_DIR  # noqa: B018 - it is looked for on first use
+
+    from rag.cli import train as train_cli
+
+    monkeypatch.setattr(sys, "argv", ["rag-train", "experiment=smoke"])
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith("error: no config folder") and err.count("\n") == 1

@@ -13,11 +13,11 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from rag import build
-from rag.cli import CONF_DIR
 from rag.cli import evaluate as evaluate_cli
 from rag.cli import train as train_cli
+from rag.config_dir import conf_dir
 from rag.errors import ConfigError
-from rag.lit_module import score_records
+from rag.evaluation import score_records
 
 
 def smoke_overrides(root: Path) -> list[str]:
@@ -33,7 +33,7 @@ def jsonl(path: Path) -> list[dict]:
 
 
 def compose_config(name: str, overrides: list[str]):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         return compose(config_name=name, overrides=overrides)
 
 

@@ -3,15 +3,7 @@
     rag-aggregate                                  # outputs/replicate -> results/, RESULTS.md's tables
     rag-aggregate --runs outputs/replicate --out results --results-md RESULTS.md
 
-For each study the newest ``result.json`` under ``--runs/<study>/`` (or the ones given with ``--result``) is
-copied to ``results/<study>.json`` without its predictions, and rendered as ``<study>.md`` and ``<study>.csv``
-laid out like the paper's table, with the paper's numbers beside ours where the paper has them, and
-``<study>.png`` (Figure 3-style curves for the sweeps, bars for the others). Where the run folder holds the
-predictions, rival systems are also compared question by question (``rag.replication.paired``: discordant
-questions and the exact McNemar p-value), so a gap can be told from noise. Every table names the command,
-config and commit that made it. In ``RESULTS.md`` the text between ``<!-- study:<name> -->`` and
-``<!-- /study:<name> -->`` is replaced by the study's table, so the document's numbers are always the runs'.
-The work is :func:`rag.replication.aggregate.aggregate`.
+The work, and what it writes (shown by ``--help`` too): :mod:`rag.replication.aggregate`.
 """
 
 from __future__ import annotations
@@ -23,12 +15,15 @@ from pathlib import Path
 from rag.cli.app import add_verbosity_flags, fail, verbosity_of
 from rag.errors import RagError
 from rag.log import configure_logging
+from rag.replication import aggregate as aggregate_module
 from rag.replication.aggregate import aggregate
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="rag-aggregate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="rag-aggregate",
+        description=f"{__doc__.strip()}\n\n{aggregate_module.__doc__.strip()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--runs", type=Path, default=Path("outputs/replicate"), help="rag-replicate run folders"

@@ -8,7 +8,8 @@ composed and checked (:func:`check_overrides`: unknown keys and options, and the
 
 Every command also takes ``verbosity=debug|info|warning|error`` (``-v``, ``-q``, ``-qq`` for short), names its
 Hydra job after itself (``hydra.job.name``: the run folder's ``<prog>.log``, the ``--help`` title), and
-returns what ``run`` returned, or the metric its ``objective`` key names (a float a sweeper can optimise).
+returns what ``run`` returned, or the metric its ``objective`` key names (a float a sweeper can optimise; a
+name no run reports fails at once, exit status 2). Under ``-m`` a failed run logs its error and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from rag.cli import CONF_DIR
+from rag.config_dir import conf_dir
 from rag.errors import ConfigError, RagError
+
+log = logging.getLogger(__name__)
 
 #: how many configs the check of a ``-m`` sweep composes at most (one per swept value)
 MAX_SWEEP_CHECKS = 64
@@ -79,7 +82,7 @@ def _is_hydra_override(override: str) -> bool:
 def _compose(config_name: str, overrides: Sequence[str], return_hydra_config: bool = False) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
         return compose(
             config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config
         )
@@ -98,7 +101,9 @@ def check_overrides(config_name: str, overrides: Sequence[str], prog: str, multi
     try:
         combos = _sweep_combinations(config_name, plain) if multirun else [plain]
         for combo in combos:
-            validate(_compose(config_name, combo))
+            cfg = validate(_compose(config_name, combo))
+            if cfg.get("objective"):
+                check_objective(str(cfg.objective))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -109,7 +114,7 @@ def check_overrides(config_name: str, overrides: Sequence[str], prog: str, multi
             message += "\n" + _unknown_key_line(config_name, plain, unknown.group(1))
         message = _option_suggestion(message)
         print(
-            f"error: {message}\n{CONFIG_HINT.format(prog=prog, conf=CONF_DIR)}", file=sys.stderr, flush=True
+            f"error: {message}\n{CONFIG_HINT.format(prog=prog, conf=conf_dir())}", file=sys.stderr, flush=True
         )
         sys.exit(2)
 
@@ -197,6 +202,29 @@ def _unknown_key_line(config_name: str, overrides: Sequence[str], key: str) -> s
     return line
 
 
+#: what ``objective`` may name: a metric rag-train logs for validation or test (:mod:`rag.lit_module`:
+#: ``val/em``, ``test/f1``, ``val/answer_recall@5``, one set's ``val/nq/em``) or a number at the top of
+#: rag-train's summary (:func:`rag.cli.train.run`)
+OBJECTIVE_METRICS = ("loss", "em", "f1", "answer_recall@K", "gold_recall@K")
+SUMMARY_NUMBERS = ("global_step", "wall_seconds", "peak_rss_mb")
+_OBJECTIVE = re.compile(r"(val|test)/([\w.-]+/)?(loss|em|f1|answer_recall@\d+|gold_recall@\d+)")
+
+
+def check_objective(objective: str) -> None:
+    """Raise :class:`~rag.errors.ConfigError` (one line) unless ``objective`` names a metric a training run
+    reports (:data:`OBJECTIVE_METRICS` under ``val/`` or ``test/``, or one of :data:`SUMMARY_NUMBERS`), so
+    that a typo fails before the run, not after it."""
+    if objective in SUMMARY_NUMBERS or _OBJECTIVE.fullmatch(objective):
+        return
+    examples = [f"{split}/{m.replace('@K', '@5')}" for split in ("val", "test") for m in OBJECTIVE_METRICS]
+    close = difflib.get_close_matches(objective, [*examples, *SUMMARY_NUMBERS], n=1, cutoff=0.6)
+    raise ConfigError(
+        f"objective={objective} is not a metric a run reports: use val/<metric> or test/<metric> (metric "
+        f"{', '.join(OBJECTIVE_METRICS)}; one set's: val/<set>/<metric>) or one of {', '.join(SUMMARY_NUMBERS)}"
+        + (f" (did you mean objective={close[0]}?)" if close else "")
+    )
+
+
 def objective_value(result: Any, objective: str) -> float:
     """The metric ``objective`` (e.g. ``val/em``) of a run's result: a key of the result, or of one of its
     sections (rag-train's summary keeps ``val/...`` under ``val`` and ``test/...`` under ``test``)."""
@@ -272,9 +300,17 @@ def _command_line(
 
 def hydra_entry(task: Callable[[DictConfig], Any], config_name: str, prog: str) -> Any:
     """Run ``task(cfg)`` under ``@hydra.main`` after checking the command line; returns what it returned
-    (the ``objective`` metric where the config names one; a list under ``-m``)."""
+    (the ``objective`` metric where the config names one; a list under ``-m``).
+
+    A :class:`~rag.errors.RagError` ends a single run with one line and exit status 1; under ``-m`` it ends
+    only its own run: the error is logged (one line) and the run's value is ``nan`` when an ``objective`` is
+    set (a sweeper then ranks it last), else None, and the sweep goes on."""
     from rag.log import configure_logging
 
+    try:
+        config_dir = conf_dir()
+    except ConfigError as err:
+        fail(err)
     argv = list(sys.argv)
     parsed, overrides, flags = _split_command_line(argv[1:])
     shows_only = parsed.help or parsed.hydra_help or parsed.info or parsed.shell_completion
@@ -283,7 +319,7 @@ def hydra_entry(task: Callable[[DictConfig], Any], config_name: str, prog: str) 
         check_overrides(parsed.config_name or config_name, overrides, prog, multirun=parsed.multirun)
     results = []
 
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
+    @hydra.main(version_base="1.3", config_path=config_dir, config_name=config_name)
     def _main(cfg: DictConfig) -> Any:
         hydra_argv, sys.argv = sys.argv, argv  # the task records the command as it was typed
         try:
@@ -293,7 +329,10 @@ def hydra_entry(task: Callable[[DictConfig], Any], config_name: str, prog: str) 
             if cfg.get("objective"):
                 result = objective_value(result, str(cfg.objective))
         except RagError as err:
-            fail(err)
+            if not parsed.multirun:
+                fail(err)
+            log.error(f"this run failed: {err}")
+            result = float("nan") if cfg.get("objective") else None
         finally:
             sys.argv = hydra_argv
         results.append(result)

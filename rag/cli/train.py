@@ -38,6 +38,7 @@ from rag.build import (
     set_threads,
 )
 from rag.cli.app import hydra_entry
+from rag.replication.evaluate import peak_rss_mb
 
 log = logging.getLogger("rag.cli.train")
 
@@ -101,18 +102,11 @@ def run(cfg: DictConfig) -> dict:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best)
         summary["test"] = _metrics_dict(results[0]) if results else {}
     summary["wall_seconds"] = time.perf_counter() - started
-    summary["peak_rss_mb"] = _peak_rss_mb()
+    summary["peak_rss_mb"] = peak_rss_mb()
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "metrics.json", summary)
         log.info(f"done in {summary['wall_seconds']:.0f} s; metrics in {output_dir / 'metrics.json'}")
     return summary
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    # ru_maxrss is in kilobytes on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:

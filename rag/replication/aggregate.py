@@ -21,7 +21,7 @@ import re
 import textwrap
 from pathlib import Path
 
-from rag.atomic import write_json_atomic, write_text_atomic
+from rag.atomic import atomic_path, write_json_atomic, write_text_atomic
 from rag.errors import RagError
 from rag.replication.paired import paired_comparisons, paired_markdown
 from rag.replication.paper import paper_numbers
@@ -221,11 +221,11 @@ def plot_study(result: dict, path: Path) -> Path | None:
     fig.suptitle("\n".join(textwrap.wrap(result["title"], 70)), fontsize=10)
     fig.text(0.01, 0.01, f"{result['command']}  @ {short_commit(result['commit'])}", fontsize=6, color="gray")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:  # a temporary name without the suffix: say the format
+            fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

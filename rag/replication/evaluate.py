@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -140,10 +139,7 @@ def row_metrics(metrics: dict, n_docs: int | None, sets: Sequence[str]) -> dict:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (``ru_maxrss`` is in kilobytes on Linux)."""
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def path_str(path: Path | str) -> str:
-    return str(Path(path).expanduser())

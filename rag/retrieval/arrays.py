@@ -81,12 +81,14 @@ def as_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array if array.flags.writeable else array.copy())
 
 
-def check_n_docs(n_docs: int, ntotal: int) -> int:
+def check_n_docs(n_docs: int, ntotal: int, where: str = "the index") -> int:
+    """``n_docs`` as an int if it is 1..``ntotal``; else :class:`RetrievalInputError` naming ``where`` the
+    ``ntotal`` passages are (``the index``, ``the corpus``)."""
     if isinstance(n_docs, bool) or not isinstance(n_docs, (int, np.integer)) or n_docs < 1:
-        raise RetrievalInputError(f"n_docs must be a positive integer, got {n_docs!r}")
+        raise RetrievalInputError(f"n_docs must be a positive integer, got n_docs={n_docs!r}")
     if n_docs > ntotal:
         raise RetrievalInputError(
-            f"n_docs={n_docs} but the index holds only {ntotal} passages: ask for at most {ntotal}"
+            f"n_docs={n_docs} but {where} has {ntotal} passages: ask for at most {ntotal}"
         )
     return int(n_docs)
 

@@ -21,7 +21,7 @@ Launch (every rank runs the same command; Lightning reads the rank from the laun
         doc_encoder=dpr_nq embed.batch_size=512 trainer.devices=8 trainer.precision=bf16-mixed
     # or through torchrun, 2 machines x 8 GPUs (run on each machine, NODE_RANK 0 and 1)
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER --master_port=29500 \\
-        -m rag.retrieval.distributed_embed ... trainer.devices=8 trainer.num_nodes=2
+        -m rag.cli.embed ... trainer.devices=8 trainer.num_nodes=2
     # or SLURM: #SBATCH --nodes=2 --ntasks-per-node=8 --gpus-per-node=8, then
     srun python -m rag.cli.embed ... trainer.devices=8 trainer.num_nodes=2
 

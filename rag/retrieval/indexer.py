@@ -16,6 +16,7 @@ import fcntl
 import functools
 import inspect
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from rag.retrieval.embed import (
 )
 from rag.retrieval.encoders import BertEncoder
 from rag.retrieval.index import MANIFEST_NAME, DenseIndex, IndexManifest, read_manifest
-from rag.retrieval.memory import plan_for_index, print_plan
+from rag.retrieval.memory import log_plan, plan_for_index
 from rag.retrieval.retriever import write_index_source
 from rag.types import Passage
 
@@ -44,6 +45,17 @@ class IndexResult:
     index_dir: Path
     embeddings_dir: Path
     built: bool  # False: an existing index was loaded
+
+
+#: the environment variable naming where indexes and embeddings are cached, and its default
+CACHE_VARIABLE = "RAG_HOME"
+DEFAULT_CACHE_DIR = "~/.cache/rag"
+
+
+def default_cache_dir() -> str:
+    """Where indexes and embeddings are cached when nothing says otherwise: ``$RAG_HOME``, else
+    ``~/.cache/rag`` (not expanded: :func:`cache_dir` does that)."""
+    return os.environ.get(CACHE_VARIABLE) or DEFAULT_CACHE_DIR
 
 
 def cache_dir(path: str) -> Path:
@@ -129,7 +141,7 @@ def ensure_index(
 
     # refuse an index this machine cannot hold before hours of embedding, not after
     plan = plan_for_index(index, len(passages), doc_encoder.dim, embed.get("dtype", "float32"))
-    print_plan(plan)
+    log_plan(plan)
     if embed.get("num_shards", 1) == 1:
         plan.check()
     start = time.perf_counter()

@@ -38,7 +38,6 @@ __all__ = [
     "log_plan",
     "plan_for_index",
     "plan_index_memory",
-    "print_plan",
 ]
 
 log = logging.getLogger(__name__)
@@ -233,7 +232,3 @@ def log_plan(plan: MemoryPlan, prefix: str = "") -> None:
     """Log the plan's table, a line per record (info level)."""
     for line in plan.table().splitlines():
         log.info("%s%s", prefix, line)
-
-
-#: the name the commands first called it by
-print_plan = log_plan

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from rag.atomic import write_json_atomic
+from rag.retrieval.arrays import check_n_docs
 from rag.retrieval.base import DenseIndex
 from rag.retrieval.bm25 import BM25Index
 from rag.retrieval.embed import corpus_checksum, embeddings_encoder_record, open_embeddings
@@ -51,16 +52,6 @@ def check_questions(questions: Sequence[str]) -> list[str]:
                 f"question {i} is empty: every question needs some words to retrieve with"
             )
     return questions
-
-
-def check_n_docs(n_docs: int, n_passages: int) -> int:
-    if isinstance(n_docs, bool) or not isinstance(n_docs, (int, np.integer)):
-        raise RetrievalInputError(f"n_docs must be an integer, got {n_docs!r}")
-    if not 1 <= n_docs <= n_passages:
-        raise RetrievalInputError(
-            f"n_docs={n_docs} but the corpus has {n_passages} passages: ask for 1..{n_passages} documents"
-        )
-    return int(n_docs)
 
 
 class Retriever:
@@ -186,13 +177,13 @@ class DenseRetriever(Retriever):
             raise RetrievalInputError(
                 "this dense retriever has no query encoder: pass query_encoder=..., or call retrieve_by_embeds"
             )
-        check_n_docs(n_docs, self.n_passages)
+        check_n_docs(n_docs, self.n_passages, "the corpus")
         question_embeds = self.query_encoder.encode(questions, batch_size=self.encode_batch_size)  # (B, D)
         return self.retrieve_by_embeds(question_embeds, n_docs)
 
     def retrieve_by_embeds(self, question_embeds: torch.Tensor, n_docs: int) -> RetrievalOutput:
         """Retrieve K passages for question embeddings (B, D); ``doc_scores`` keep their gradient."""
-        n_docs = check_n_docs(n_docs, self.n_passages)
+        n_docs = check_n_docs(n_docs, self.n_passages, "the corpus")
         if not isinstance(question_embeds, torch.Tensor) or question_embeds.ndim != 2:
             raise RetrievalInputError(
                 f"question_embeds must be a (B, D) tensor, got {type(question_embeds).__name__} "
@@ -338,7 +329,7 @@ class BM25Retriever(Retriever):
 
     def retrieve(self, questions: Sequence[str], n_docs: int) -> RetrievalOutput:
         questions = check_questions(questions)
-        n_docs = check_n_docs(n_docs, self.n_passages)
+        n_docs = check_n_docs(n_docs, self.n_passages, "the corpus")
         doc_scores, doc_ids = self.bm25.search(questions, n_docs)  # (B, K), (B, K)
         return RetrievalOutput(
             doc_ids=torch.from_numpy(doc_ids),
@@ -414,7 +405,7 @@ class GoldRetriever(Retriever):
             raise RetrievalInputError(
                 "pass a list of questions (one per batch element), not a single question"
             )
-        n_docs = check_n_docs(n_docs, self.n_passages)
+        n_docs = check_n_docs(n_docs, self.n_passages, "the corpus")
         rows = []
         for i, q in enumerate(questions):
             if not isinstance(q, Question):
@@ -424,7 +415,7 @@ class GoldRetriever(Retriever):
                 )
             if not q.gold_passage_ids:
                 raise RetrievalInputError(
-                    f"question {q.id!r} has no gold passage: retriever_mode=gold needs question sets with gold "
+                    f"question {q.id!r} has no gold passage: retriever=gold needs question sets with gold "
                     "passage ids (mini-wiki SQuAD-open / NQ-gold, cloze questions); use a dense or BM25 retriever"
                 )
             missing = [pid for pid in q.gold_passage_ids if pid not in self.row_of]
