@@ -39,14 +39,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from rag import build
 from rag.data.corpus import read_passages, split_into_passages, write_passages
@@ -59,6 +58,9 @@ from rag.retrieval.encoders import BertEncoder
 from rag.retrieval.index import INDEX_KINDS, MANIFEST_NAME, DenseIndex, read_manifest
 from rag.retrieval.retriever import DenseRetriever
 from rag.types import Passage, Question, RetrievalOutput
+
+if TYPE_CHECKING:  # configs come from rag.build, the one place that composes them
+    from omegaconf import DictConfig
 
 __all__ = [
     "RAG",
@@ -303,64 +305,56 @@ class PassageIndex:
 
 # ------------------------------------------------------------------------------------------------ overrides
 
-#: config nodes whose keys are open (transformers generation settings): overrides below them may add keys
-OPEN_NODES = ("model.generation",)
+#: the fix named when an override of a checkpoint's config cannot be read
+CHECKPOINT_OVERRIDE_HINT = (
+    "a checkpoint's config takes settings such as model.eval_n_docs=10 (groups and deletions apply to "
+    "experiments, not checkpoints)"
+)
 
 
-def _hydra_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
-    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{text}'"
-
-
-def _open(key: str) -> bool:
-    return any(key.startswith(f"{node}.") for node in OPEN_NODES)
+@contextmanager
+def _override_errors() -> Iterator[None]:
+    """:class:`rag.build.OverrideError` (an override the config does not take) as :class:`ApiError`, the
+    same line."""
+    try:
+        yield
+    except build.OverrideError as err:
+        raise ApiError(str(err)) from None
 
 
 def override_strings(overrides: Mapping[str, Any] | Sequence[str], prefix: str = "") -> list[str]:
-    """Command-line overrides (``model.eval_n_docs=5``) from a nested mapping; strings pass through.
+    """Command-line overrides (``model.eval_n_docs=5``) from a nested mapping
+    (:func:`rag.build.format_overrides`); strings pass through, checked to be ``key=value`` (or ``~key``).
 
     Every key must be one the config has (a typo fails when the config is composed), except below
-    :data:`OPEN_NODES` (``model.generation``), whose settings may be new (``++model.generation.top_k=5``).
+    :data:`rag.build.OPEN_NODES` (``model.generation``), whose settings may be new
+    (``++model.generation.top_k=5``).
     """
-    if not isinstance(overrides, Mapping):
-        if isinstance(overrides, str):
-            raise ApiError(f"overrides={overrides!r}: pass a list of key=value strings or a mapping")
-        out = [str(o) for o in overrides]
-        for item in out:
-            key, sep, _ = item.partition("=")
-            if not key.strip("+~") or not (sep or key.startswith("~")):
-                raise ApiError(f"override {item!r} is not key=value: write e.g. model.eval_n_docs=10")
-        return out
-    out = []
-    for key, value in overrides.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.extend(override_strings(value, f"{name}."))
-        else:
-            out.append(f"{'++' if _open(name) else ''}{name}={_hydra_value(value)}")
+    if isinstance(overrides, Mapping):
+        return build.format_overrides(overrides, prefix)
+    if isinstance(overrides, str):
+        raise ApiError(f"overrides={overrides!r}: pass a list of key=value strings or a mapping")
+    out = [str(o) for o in overrides]
+    for item in out:
+        key, sep, _ = item.partition("=")
+        if not key.strip("+~") or not (sep or key.startswith("~")):
+            raise ApiError(f"override {item!r} is not key=value: write e.g. model.eval_n_docs=10")
     return out
 
 
 def override_mapping(overrides: Mapping[str, Any] | Sequence[str]) -> dict:
     """A nested mapping (what :func:`rag.build.load_checkpoint` merges) from ``key.sub=value`` strings, their
-    values read as the command line reads them (``1e-5`` a float, ``'text'`` a string, ``[1,2]`` a list)."""
+    values read as the command line reads them (:func:`rag.build.parse_override`: ``1e-5`` a float,
+    ``'text'`` a string, ``[1,2]`` a list)."""
     if isinstance(overrides, Mapping):
         return _nested(overrides)
     if isinstance(overrides, str):
         raise ApiError(f"overrides={overrides!r}: pass a list of key=value strings or a mapping")
     out: dict = {}
     for item in overrides:
-        _put(out, *_parse_override(str(item)), item)
+        with _override_errors():
+            key, value = build.parse_override(str(item), fix=CHECKPOINT_OVERRIDE_HINT)
+        _put(out, key, value, item)
     return out
 
 
@@ -389,84 +383,10 @@ def _put(out: dict, key: str, value: Any, given: Any) -> None:
         node[leaf] = value
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
-    """``(key, value)`` of one ``key=value`` override, parsed by Hydra's command-line grammar."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    hint = (
-        "a checkpoint's config takes settings such as model.eval_n_docs=10 (groups and deletions apply to "
-        "experiments, not checkpoints)"
-    )
-    key, sep, _ = item.lstrip("+").partition("=")
-    if not sep or not key or key.startswith("~"):
-        raise ApiError(f"override {item!r} is not key=value: {hint}")
-    try:
-        override = OverridesParser.create().parse_override(item)
-    except HydraException as err:
-        raise ApiError(f"override {item!r} cannot be read ({_first_line(err)}): {hint}") from None
-    if override.is_sweep_override():
-        raise ApiError(f"override {item!r} lists several values: give one value per key")
-    return override.key_or_group, override.value()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _composition_error(err: BaseException, experiment: str) -> ApiError:
-    """One line for Hydra's failure to compose ``experiment`` with the overrides given."""
-    text = str(err)
-    bad_key = re.search(r"Could not override '([^']+)'", text)
-    if bad_key:
-        key = bad_key.group(1)
-        return ApiError(
-            f"overrides: {key} is not a key of the rag-train config of experiment {experiment!r}: check its "
-            f"spelling (rag-train experiment={experiment} --cfg job prints the keys), or write '+{key}=...' to "
-            "add a new one"
-        )
-    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
-    if missing:
-        group, option = missing.groups()
-        options = re.findall(r"^\t(\S+)$", text, re.M)
-        allowed = f": choose one of {', '.join(options)}" if options else ""
-        return ApiError(f"{group}={option} is not a config of conf/{group}/{allowed}")
-    return ApiError(
-        f"the rag-train config of experiment {experiment!r} does not compose with the overrides given: "
-        f"{_first_line(err)}"
-    )
-
-
 def _compose(experiment: str, settings: Sequence[str]) -> DictConfig:
-    """:func:`rag.build.compose_train_config`, Hydra's composition errors as one :class:`ApiError` line."""
-    from hydra.errors import HydraException
-
-    try:
+    """:func:`rag.build.compose_train_config`, an override it does not take as one :class:`ApiError` line."""
+    with _override_errors():
         return build.compose_train_config(experiment, settings)
-    except HydraException as err:  # ConfigCompositionException, OverrideParseException
-        raise _composition_error(err, experiment) from None
-
-
-def _check_keys(config: DictConfig, mapping: Mapping[str, Any], where: str, prefix: str = "") -> None:
-    """Every key of ``mapping`` is one ``config`` (described as ``where``) has; below :data:`OPEN_NODES` any."""
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if _open(f"{name}."):
-            continue
-        if not isinstance(config, DictConfig) or key not in list(config.keys()):  # ??? values too
-            raise ApiError(f"overrides: {name} is not a key of {where}: check its spelling")
-        child = OmegaConf.select(config, key, throw_on_resolution_failure=False)
-        if isinstance(value, Mapping) and value:
-            if not isinstance(child, DictConfig):
-                raise ApiError(f"overrides: {name} is a value in {where}, not a node with settings")
-            _check_keys(child, value, where, f"{name}.")
-        elif isinstance(child, DictConfig) and not isinstance(value, Mapping):
-            raise ApiError(
-                f"overrides: {name} is a config node (its settings are {name}.<key>=...), not a value; a "
-                "checkpoint keeps the groups it was trained with"
-                + (" (another index: index_kind=...)" if name in ("index", "retriever.index") else "")
-            )
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -567,34 +487,19 @@ def _load_checkpoint(
             mapping["cache_dir"] = str(cache_dir)
         return build.load_checkpoint(path, mapping or None)
     stored = build.checkpoint_config(path)
-    index_node = None
     if index_kind:
         mode = build.retriever_mode(stored)
         if mode not in ("learned", "frozen"):
             raise ApiError(
                 f"index_kind={index_kind}: the model in {path} does not search a dense index ({mode} retriever)"
             )
-        index_node = OmegaConf.load(Path(build.conf_dir()) / "index" / f"{index_kind}.yaml")
-        if stored.index.get("_target_") == index_node._target_:
-            index_node = None  # the checkpoint's own kind, with its own settings
-        else:
-            settings = mapping.pop("index", None) or {}
-            _check_keys(index_node, settings, f"conf/index/{index_kind}.yaml", "index.")
-            index_node.verbose = stored.index.get("verbose", index_node.verbose)
-            index_node = OmegaConf.merge(index_node, settings)
-    _check_keys(stored, mapping, f"the config stored in {path}")
+    with _override_errors():
+        mapping, index = build.checkpoint_overrides(
+            stored, mapping, where=f"the config stored in {path}", index_kind=index_kind
+        )
     if cache_dir is not None:
         mapping["cache_dir"] = str(cache_dir)
-    if index_node is not None:
-        # the whole node, not merged into the stored one (whose kind takes other settings); the index folder
-        # is the new kind's default, the embeddings folder the one the checkpoint's own index was built from
-        mapping.setdefault("retriever", {})["index"] = OmegaConf.to_container(index_node)
-        mapping.setdefault("index_dir", None)
-    lit_module, config = build.load_checkpoint(path, mapping)
-    if index_node is not None:  # the config as if composed with index=<kind>
-        config.index = index_node
-        config.retriever.index = "${index}"
-    return lit_module, config
+    return build.load_checkpoint(path, mapping, stored, index=index)
 
 
 class _Holder(torch.nn.Module):
@@ -705,7 +610,7 @@ class RAG:
             )
         settings = override_strings(overrides)
         if cache_dir is not None:
-            settings.append(f"cache_dir={_hydra_value(str(cache_dir))}")
+            settings.append(f"cache_dir={build.format_value(str(cache_dir))}")
         lit_module, config = None, None
         if kind == "checkpoint":
             lit_module, config = _load_checkpoint(path, overrides, cache_dir, index_kind)
@@ -727,7 +632,7 @@ class RAG:
                 )
             settings = [
                 "doc_encoder=dpr_nq",
-                f"doc_encoder.model_name_or_path={_hydra_value(encoder)}",
+                f"doc_encoder.model_name_or_path={build.format_value(encoder)}",
                 *([f"index={index_kind}"] if index_kind else []),
                 *settings,
             ]
@@ -746,7 +651,7 @@ class RAG:
                 name = experiment or SHIPPED[source]
             elif kind == "reference_root":
                 name = experiment or BASE_EXPERIMENT
-                settings.insert(0, f"++reference_dir={_hydra_value(str(path))}")
+                settings.insert(0, f"++reference_dir={build.format_value(str(path))}")
             else:
                 closed_book = not (path / "query_encoder").is_dir()
                 name = experiment or (CLOSED_BOOK_EXPERIMENT if closed_book else BASE_EXPERIMENT)

@@ -8,8 +8,12 @@ modules it builds take typed arguments and never see a config.
     model = build_model(cfg)                                           # RagModel with its retriever attached
     module, cfg = load_checkpoint("outputs/.../last.ckpt")             # a trained rag-train run
 
-- configs: :func:`conf_dir`, :func:`compose`, :func:`compose_train_config`, :func:`check_required`,
-  :func:`instantiate` (Hydra's, with the package's own errors surfaced as they are);
+- configs: :func:`conf_dir`, :func:`compose` (Hydra's composition errors as one :class:`OverrideError` line),
+  :func:`compose_train_config`, :func:`check_required`, :func:`instantiate` (Hydra's, with the package's own
+  errors surfaced as they are);
+- overrides: :func:`format_overrides` (a nested mapping as command-line strings), :func:`parse_override`
+  (one string read by Hydra's grammar), :func:`check_override_keys`, :func:`index_override`,
+  :func:`checkpoint_overrides`;
 - builders: :func:`build_retriever`, :func:`build_model`, :func:`build_loggers`, :func:`build_callbacks`;
 - checkpoints: :func:`checkpoint_config`, :func:`load_checkpoint`, :func:`init_weights`,
   :func:`find_resume_checkpoint`, :func:`resolve_ckpt_path`;
@@ -21,12 +25,14 @@ from __future__ import annotations
 import logging
 import netrc
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rag.config_dir import conf_dir
@@ -51,7 +57,9 @@ from rag.retrieval.retriever import BM25Retriever, DenseRetriever, GoldRetriever
 from rag.types import Passage
 
 __all__ = [
+    "OPEN_NODES",
     "IndexResult",
+    "OverrideError",
     "build_callbacks",
     "build_loggers",
     "build_model",
@@ -60,8 +68,10 @@ __all__ = [
     "no_retriever",
     "upgrade_config",
     "cache_dir",
+    "check_override_keys",
     "check_required",
     "checkpoint_config",
+    "checkpoint_overrides",
     "compose",
     "compose_train_config",
     "conf_dir",
@@ -69,9 +79,13 @@ __all__ = [
     "default_index_dir",
     "ensure_index",
     "find_resume_checkpoint",
+    "format_overrides",
+    "format_value",
+    "index_override",
     "init_weights",
     "instantiate",
     "load_checkpoint",
+    "parse_override",
     "resolve_ckpt_path",
     "retriever_mode",
     "set_threads",
@@ -82,21 +96,65 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAMES = ("last.ckpt", "interrupted.ckpt")
 
 
+class OverrideError(ConfigError):
+    """An override the config does not take: an unknown key, a group option that does not exist, a value that
+    cannot be read. The message is one line naming the override and the fix."""
+
+
 # ---------------------------------------------------------------------------------------------- configs
 
 
 def compose(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """The config ``config_name`` (a file of ``conf/``) with command-line ``overrides``, outside any Hydra run.
 
-    Safe to call from inside another Hydra app: the global Hydra state is cleared first.
+    Safe to call from inside another Hydra app: the global Hydra state is cleared first. An override Hydra
+    cannot apply (an unknown key: add it with ``+key=...``; a missing group option: the options are listed)
+    raises :class:`OverrideError` with one line; a value outside :mod:`rag.config_schema`'s allowed ones a
+    :class:`~rag.errors.ConfigError`.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return validate(hydra_compose(config_name=config_name, overrides=list(overrides)))
+    try:
+        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+    except HydraException as err:  # ConfigCompositionException, MissingConfigException, ...
+        raise _composition_error(err, config_name, overrides) from None
+    return validate(cfg)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _composition_error(err: BaseException, config_name: str, overrides: Sequence[str]) -> OverrideError:
+    """One line for Hydra's failure to compose ``config_name`` with ``overrides``."""
+    experiments = [o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")]
+    if config_name == "train" and experiments:
+        experiment = experiments[-1]
+        described = f"the rag-train config of experiment {experiment!r}"
+        keys = f"rag-train experiment={experiment} --cfg job prints the keys"
+    else:
+        described = f"the {config_name} config (conf/{config_name}.yaml)"
+        keys = "the command's --cfg job prints the keys"
+    text = str(err)
+    bad_key = re.search(r"Could not override '([^']+)'", text)
+    if bad_key:
+        key = bad_key.group(1)
+        return OverrideError(
+            f"overrides: {key} is not a key of {described}: check its spelling ({keys}), or write '+{key}=...' "
+            "to add a new one"
+        )
+    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        options = re.findall(r"^\t(\S+)$", text, re.M)
+        allowed = f": choose one of {', '.join(options)}" if options else ""
+        return OverrideError(f"{group}={option} is not a config of conf/{group}/{allowed}")
+    return OverrideError(f"{described} does not compose with the overrides given: {_first_line(err)}")
 
 
 def compose_train_config(experiment: str, overrides: Sequence[str] = ()) -> DictConfig:
@@ -136,6 +194,144 @@ def set_threads(threads: int | None) -> None:
 
         torch.set_num_threads(int(threads))
         faiss.omp_set_num_threads(int(threads))
+
+
+# ---------------------------------------------------------------------------------------------- overrides
+
+#: config nodes whose keys are open (transformers generation settings): overrides below them may add keys
+OPEN_NODES = ("model.generation",)
+
+
+def _open(key: str) -> bool:
+    return any(key.startswith(f"{node}.") for node in OPEN_NODES)
+
+
+def format_value(value: Any) -> str:
+    """``value`` as the command line writes it: ``null``, ``true``, ``5``, ``'text'`` (quoted, so that any
+    string stays a string), ``[1,2]``, ``{k:1}``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{format_value(v)}" for k, v in value.items()) + "}"
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
+def format_overrides(mapping: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Command-line overrides from a nested mapping, one per leaf, in its order::
+
+        format_overrides({"model": {"eval_n_docs": 5, "generation": {"num_beams": 2}}})
+        # ["model.eval_n_docs=5", "++model.generation.num_beams=2"]
+
+    Keys below :data:`OPEN_NODES` (``model.generation``) get ``++`` (set or add); every other key must be one
+    the config has, which :func:`compose` checks. An empty mapping as a value is a leaf (``key={}``).
+    """
+    out = []
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.extend(format_overrides(value, f"{name}."))
+        else:
+            out.append(f"{'++' if _open(name) else ''}{name}={format_value(value)}")
+    return out
+
+
+def parse_override(
+    item: str, *, fix: str = "write it as key=value, e.g. model.eval_n_docs=10"
+) -> tuple[str, Any]:
+    """``(key, value)`` of one ``key=value`` command-line override, the value read by Hydra's grammar (``1e-5``
+    a float, ``'text'`` a string, ``[1,2]`` a list, ``{k:1}`` a dict); a leading ``+`` / ``++`` is dropped.
+
+    Raises :class:`OverrideError` for a deletion (``~key``), a string that is not ``key=value`` or cannot be
+    read (the message ends with ``fix``), and a sweep (``a=1,2``).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    key, sep, _ = item.lstrip("+").partition("=")
+    if not sep or not key or key.startswith("~"):
+        raise OverrideError(f"override {item!r} is not key=value: {fix}")
+    try:
+        override = OverridesParser.create().parse_override(item)
+    except HydraException as err:
+        raise OverrideError(f"override {item!r} cannot be read ({_first_line(err)}): {fix}") from None
+    if override.is_sweep_override():
+        raise OverrideError(f"override {item!r} lists several values: give one value per key")
+    return override.key_or_group, override.value()
+
+
+def check_override_keys(
+    config: DictConfig, overrides: Mapping[str, Any], where: str, prefix: str = ""
+) -> None:
+    """Every key of the nested ``overrides`` is one ``config`` (described in messages as ``where``) has, a node
+    where it is a node and a value where it is a value; below :data:`OPEN_NODES` any key goes. Raises
+    :class:`OverrideError` naming the first key that is not."""
+    for key, value in overrides.items():
+        name = f"{prefix}{key}"
+        if _open(f"{name}."):
+            continue
+        if not isinstance(config, DictConfig) or key not in list(config.keys()):  # ??? values too
+            raise OverrideError(f"overrides: {name} is not a key of {where}: check its spelling")
+        child = OmegaConf.select(config, key, throw_on_resolution_failure=False)
+        if isinstance(value, Mapping) and value:
+            if not isinstance(child, DictConfig):
+                raise OverrideError(f"overrides: {name} is a value in {where}, not a node with settings")
+            check_override_keys(child, value, where, f"{name}.")
+        elif isinstance(child, DictConfig) and not isinstance(value, Mapping):
+            raise OverrideError(
+                f"overrides: {name} is a config node (its settings are {name}.<key>=...), not a value; a "
+                "checkpoint keeps the groups it was trained with"
+                + (" (another index: index_kind=...)" if name in ("index", "retriever.index") else "")
+            )
+
+
+def _index_node(kind: str) -> DictConfig:
+    path = Path(conf_dir()) / "index" / f"{kind}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise OverrideError(
+            f"index={kind} is not a config of conf/index/: choose one of {', '.join(options)}"
+        )
+    return OmegaConf.load(path)
+
+
+def index_override(
+    kind: str, settings: Mapping[str, Any] | None = None, *, replacing: DictConfig | None = None
+) -> dict:
+    """The ``index`` node of ``conf/index/<kind>.yaml`` with ``settings`` (a nested mapping, its keys checked)
+    merged in, as a plain dict: what a config composed with ``index=<kind> index.<key>=...`` holds. With
+    ``replacing`` (the index node it stands in for), that node's ``verbose`` carries over."""
+    node = _index_node(kind)
+    settings = settings or {}
+    check_override_keys(node, settings, f"conf/index/{kind}.yaml", "index.")
+    if replacing is not None:
+        node.verbose = replacing.get("verbose", node.verbose)
+    return OmegaConf.to_container(OmegaConf.merge(node, settings))
+
+
+def checkpoint_overrides(
+    stored: DictConfig, overrides: Mapping[str, Any], *, where: str, index_kind: str | None = None
+) -> tuple[dict, dict | None]:
+    """The overrides to :func:`load_checkpoint` with, checked against the checkpoint's ``stored`` config
+    (:func:`checkpoint_config`; described in messages as ``where``), and the index node to use instead of its
+    own.
+
+    ``overrides`` is a nested mapping; every key must be one ``stored`` has (:func:`check_override_keys`).
+    ``index_kind`` (``flat`` | ``hnsw`` | ...): another kind of index than the checkpoint's; its node is
+    :func:`index_override` of that kind with ``overrides``' ``index`` settings (None when the checkpoint's index
+    is of that kind already: its own node and settings stay). Raises :class:`OverrideError`.
+    """
+    mapping = dict(overrides)
+    index = None
+    if index_kind and stored.index.get("_target_") != _index_node(index_kind)._target_:
+        index = index_override(index_kind, mapping.pop("index", None), replacing=stored.index)
+    check_override_keys(stored, mapping, where)
+    return mapping, index
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -418,15 +614,28 @@ def checkpoint_config(path: str | os.PathLike) -> DictConfig:
     return upgrade_config(OmegaConf.create(config))
 
 
-def load_checkpoint(path: str | os.PathLike, overrides: dict | DictConfig | None = None):
+def load_checkpoint(
+    path: str | os.PathLike,
+    overrides: Mapping[str, Any] | DictConfig | None = None,
+    config: DictConfig | None = None,
+    *,
+    index: Mapping[str, Any] | None = None,
+):
     """Rebuild a trained :class:`~rag.lit_module.RagLitModule` from a rag-train checkpoint.
 
     The model is built from the config stored in the checkpoint (merged with ``overrides``, e.g.
     ``{"model": {"eval_n_docs": 15}}``) and the trained weights are loaded into it; the retriever is
     re-attached from that config (the index loaded from the cache, or rebuilt when missing). Returns the
     module (in eval mode) and the config used.
+
+    ``config``: the checkpoint's config when already read (:func:`checkpoint_config`; changed in place), so
+    that the file is not read for it again. ``index``: an index node (:func:`index_override`,
+    :func:`checkpoint_overrides`) used whole instead of the checkpoint's (another kind takes other settings,
+    so they are not merged): its folder is the new kind's default unless ``overrides`` set ``index_dir``, its
+    embeddings the ones the checkpoint's own index was built from; the config returned holds it as if
+    composed with ``index=<kind>``.
     """
-    cfg = checkpoint_config(path)
+    cfg = checkpoint_config(path) if config is None else config
     stored_cache = Path(str(cfg.get("cache_dir", ""))).expanduser()
     if not stored_cache.is_dir():
         # the run was trained where another cache folder existed: use this machine's, and say so
@@ -437,7 +646,15 @@ def load_checkpoint(path: str | os.PathLike, overrides: dict | DictConfig | None
         )
     if overrides:
         cfg = OmegaConf.merge(cfg, overrides)
+    if index is not None:
+        whole = {"retriever": {"index": dict(index)}}
+        if "index_dir" not in (overrides or {}):
+            whole["index_dir"] = None
+        cfg = OmegaConf.merge(cfg, whole)
     model = build_model(cfg)
     module = RagLitModule.load_from_checkpoint(str(path), model=model, map_location="cpu", weights_only=False)
     module.eval()
+    if index is not None:
+        cfg.index = dict(index)
+        cfg.retriever.index = "${index}"
     return module, cfg

@@ -11,6 +11,7 @@ to a folder (as tests/test_interop.py does).
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
@@ -548,6 +549,40 @@ def _evaluate_first48(cfg):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(evaluate_cli.RAG, "from_pretrained", staticmethod(first48))
         return evaluate_cli.run(cfg)
+
+
+#: the modules that may import Hydra or OmegaConf: the composition root, the structured configs, the
+#: commands and the studies (issue 15); every other module takes typed arguments
+CONFIG_MODULES = ("rag/build.py", "rag/config_schema.py", "rag/cli/", "rag/replication/")
+
+
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """The ids of the import nodes inside ``if TYPE_CHECKING:`` blocks (type hints, never run)."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            out.update(id(n) for child in node.body for n in ast.walk(child))
+    return out
+
+
+def test_only_the_composition_root_clis_and_studies_import_hydra_or_omegaconf():
+    offenders = []
+    for path in sorted((ROOT / "rag").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith(CONFIG_MODULES):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=rel)
+        hints = _type_checking_only(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            if id(node) not in hints and any(n.split(".")[0] in ("hydra", "omegaconf") for n in names):
+                offenders.append(f"{rel}:{node.lineno}")
+    assert not offenders, f"import hydra / omegaconf outside {CONFIG_MODULES}: {offenders}"
 
 
 # ---------------------------------------------------------------------------------------------- README

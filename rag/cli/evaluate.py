@@ -5,7 +5,7 @@
     rag-evaluate pretrained=rag/reference_weights/rag          # a reference-style folder (generator/ query_encoder/)
     rag-evaluate pretrained=/models/rag-token-nq doc_encoder=facebook/dpr-ctx_encoder-single-nq-base   # transformers
     rag-evaluate pretrained=... split=val n_docs=10 decoder=sequence_fast
-    rag-evaluate pretrained=... n_docs=50 decoder=sequence_thorough generation.num_beams=4   # paper's test setting
+    rag-evaluate pretrained=... n_docs=50 decoder=sequence_thorough +generation.num_beams=4  # paper's test setting
 
 The model is loaded by the Python API (:meth:`rag.api.RAG.from_pretrained`): a rag-train checkpoint is rebuilt
 from the config stored in it, with its index and corpus re-attached; the other sources take the data, corpus
