@@ -32,6 +32,13 @@ REBUILD = (
 _verified: dict[Path, tuple[int, int]] = {}
 
 
+def embeddings_dir() -> Path:
+    """The mini-wiki's document embeddings by all-MiniLM-L6-v2, shipped (float16, an embeddings directory as
+    :mod:`rag.retrieval.embed` writes them; made by ``scripts/build_miniwiki_embeddings.py``): the first index
+    build takes them instead of embedding the corpus, when encoder and passages are the same."""
+    return MINIWIKI_DIR / "embeddings"
+
+
 def corpus_path() -> Path:
     """The mini-wiki corpus file (``{"id", "title", "text"}`` JSONL, gzip)."""
     return MINIWIKI_DIR / "corpus.jsonl.gz"

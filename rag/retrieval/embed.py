@@ -14,6 +14,13 @@ and each shard into files of at most ``rows_per_file`` rows (the unit of resumpt
 of ``n`` runs with ``shard=i, num_shards=n``; copying all the files into one directory gives the whole
 corpus, which :func:`open_embeddings` opens as one (N, D) array.
 
+Prebuilt embeddings: ``embed_corpus(..., prebuilt=[dir, ...])`` takes a file's rows from a directory of the
+same layout (the mini-wiki's, shipped in the package: :func:`rag.data.miniwiki.embeddings_dir`) instead of
+computing them, when that directory holds exactly these rows made by the same encoder (settings and weights
+fingerprint) from the same passages (their SHA-256), and its file passes its own checksum. The rows are cast
+to the dtype asked for and the record says where they came from (``seeded_from``). Anything else, another
+encoder, corpus or a damaged file, is embedded as usual.
+
 Speed: passages are tokenized once per file, sorted by token count and batched, so a batch pads only to
 its own longest passage (``scripts/bench_embed.py`` measures the gain over fixed padding).
 """
@@ -22,10 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +48,8 @@ from rag.types import Passage
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16")
 _FILE_RE = re.compile(r"^embeds_(\d+)_(\d+)\.json$")
+
+log = logging.getLogger(__name__)
 
 
 class EmbeddingsError(RetrievalError):
@@ -82,6 +92,7 @@ class EmbedReport:
     computed: list[tuple[int, int]]  # row ranges embedded by this call
     skipped: list[tuple[int, int]]  # row ranges found finished and left alone
     rows: tuple[int, int]  # the rows of this call's shard
+    seeded: list[tuple[int, int]] = field(default_factory=list)  # row ranges taken from prebuilt embeddings
 
 
 def _encoder_record(encoder: BertEncoder) -> dict:
@@ -118,11 +129,14 @@ def embed_corpus(
     num_shards: int = 1,
     overwrite: bool = False,
     show_progress: bool = True,
+    prebuilt: Sequence[str | os.PathLike] = (),
 ) -> EmbedReport:
     """Embed shard ``shard`` of ``num_shards`` of ``passages`` as (title, text) pairs into ``out_dir``.
 
     Files already finished by an earlier (interrupted) call with the same encoder and passages are kept;
-    ``overwrite`` recomputes them. Returns which row ranges were computed and which skipped.
+    ``overwrite`` recomputes them. A file whose rows a ``prebuilt`` directory holds for the same encoder and
+    passages is copied from there (module docstring). Returns which row ranges were computed, seeded and
+    skipped.
     """
     if dtype not in DTYPES:
         raise RetrievalInputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -149,12 +163,41 @@ def embed_corpus(
         disable=not show_progress,
         dynamic_ncols=True,
     )
-    computed = []
+    computed, seeded = [], []
     with progress:
         for lo, hi, expected in todo:
+            if any(_seed_file(Path(d).expanduser(), out, lo, hi, dtype, expected) for d in prebuilt):
+                seeded.append((lo, hi))
+                progress.update(hi - lo)
+                continue
             _embed_file(encoder, passages[lo:hi], out, lo, hi, batch_size, dtype, expected, progress)
             computed.append((lo, hi))
-    return EmbedReport(out_dir=out, computed=computed, skipped=skipped, rows=(start, end))
+    return EmbedReport(out_dir=out, computed=computed, skipped=skipped, rows=(start, end), seeded=seeded)
+
+
+def _seed_file(source: Path, out: Path, lo: int, hi: int, dtype: str, expected: dict) -> bool:
+    """Write the file of rows ``lo..hi-1`` of ``out`` from the prebuilt directory ``source`` if it holds
+    exactly these rows for ``expected``'s encoder and passages; False (nothing written) otherwise."""
+    if not source.is_dir() or source.resolve() == out.resolve():
+        return False
+    for meta in read_embeddings_meta(source):
+        same = (meta["start"], meta["end"]) == (lo, hi) and all(
+            meta.get(key) == expected[key] for key in ("encoder", "passages_sha256")
+        )
+        if not same:
+            continue
+        rows = np.load(meta["_path"], mmap_mode="r")
+        if rows.shape != (hi - lo, meta["dim"]) or array_checksum(np.asarray(rows)) != meta["sha256"]:
+            log.warning(f"the prebuilt embeddings {meta['_path']} fail their checksum: embedding instead")
+            return False
+        array = np.ascontiguousarray(rows, dtype=np.dtype(dtype))
+        npy_path = clear_embeddings_file(out, lo, hi)
+        with atomic_path(npy_path) as tmp_path, open(tmp_path, "wb") as f:
+            np.save(f, array)
+        seeded = {**expected, "seeded_from": {"path": meta["_path"], "dtype": meta["dtype"]}}
+        record_embeddings_file(out, lo, hi, int(meta["dim"]), array_checksum(array), seeded)
+        return True
+    return False
 
 
 def remove_embeddings(out: Path, start: int, end: int) -> None:

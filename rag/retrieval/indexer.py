@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from rag.data import miniwiki
 from rag.retrieval.embed import (
     EmbeddingsError,
     ShardedEmbeddings,
@@ -105,8 +106,12 @@ def ensure_index(
     rebuild_command: str = "",
     corpus_name: str = "",
     mmap: bool = False,
+    prebuilt: Sequence[str | Path] | None = None,
 ) -> IndexResult:
     """Load the index in ``index_dir`` if it fits; otherwise embed what is missing and build ``index``.
+
+    ``prebuilt``: embeddings directories whose files are taken instead of embedding the same rows with the
+    same encoder (:func:`rag.retrieval.embed.embed_corpus`); None: the mini-wiki's shipped ones.
 
     ``index`` is an empty index of the wanted kind and parameters; ``embed`` holds :func:`embed_corpus`
     options (batch_size, dtype, rows_per_file, shard, num_shards, overwrite). ``mmap`` loads an existing
@@ -145,7 +150,15 @@ def ensure_index(
     if embed.get("num_shards", 1) == 1:
         plan.check()
     start = time.perf_counter()
-    report = embed_corpus(doc_encoder, passages, embeddings_dir, **embed)
+    if prebuilt is None:
+        prebuilt = [miniwiki.embeddings_dir()]
+    report = embed_corpus(doc_encoder, passages, embeddings_dir, prebuilt=prebuilt, **embed)
+    if report.seeded:
+        n = sum(hi - lo for lo, hi in report.seeded)
+        log.info(
+            f"took the embeddings of {n:,} passages from {', '.join(map(str, prebuilt))} (same encoder weights and "
+            f"passages) into {embeddings_dir}"
+        )
     if report.computed:
         n = sum(hi - lo for lo, hi in report.computed)
         seconds = time.perf_counter() - start
