@@ -86,6 +86,7 @@ __all__ = [
     "instantiate",
     "load_checkpoint",
     "parse_override",
+    "read_checkpoint",
     "resolve_ckpt_path",
     "retriever_mode",
     "set_threads",
@@ -548,10 +549,9 @@ def init_weights(module, path: str | os.PathLike) -> dict[str, list[str]]:
             f"init_from={path} is not a file: give a .ckpt written by rag-train or a reference-model folder"
         )
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-        except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and why
-            raise ConfigError(f"init_from={path} could not be read as a rag-train checkpoint ({e})") from None
+        state = read_checkpoint(path, what=f"init_from={path}").get("state_dict")
+        if not isinstance(state, dict):
+            raise ConfigError(f"init_from={path} could not be read as a rag-train checkpoint (no state_dict)")
     own = module.state_dict()
     loaded, kept = [], []
     for name, tensor in own.items():
@@ -591,20 +591,28 @@ def _reference_state(folder: Path) -> dict:
     return state
 
 
+def read_checkpoint(path: str | os.PathLike, what: str | None = None) -> dict:
+    """A rag-train checkpoint's contents, read without unpickling arbitrary objects (``weights_only``: tensors
+    and plain data, all a rag-train checkpoint holds); a file that is not one is one :class:`ConfigError`."""
+    what = what or str(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and why, in one line
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        raise ConfigError(
+            f"{what} could not be read as a rag-train checkpoint ({reason}): give a .ckpt written by rag-train"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise ConfigError(f"{what} holds a {type(checkpoint).__name__}, not a rag-train checkpoint")
+    return checkpoint
+
+
 def checkpoint_config(path: str | os.PathLike) -> DictConfig:
     """The run config stored in a checkpoint written by rag-train."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist: give the path of a .ckpt written by rag-train")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: say which and why, in one line
-        raise ConfigError(
-            f"{path} could not be read as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]}): give "
-            "a .ckpt written by rag-train"
-        ) from None
-    if not isinstance(checkpoint, dict):
-        raise ConfigError(f"{path} holds a {type(checkpoint).__name__}, not a rag-train checkpoint")
+    checkpoint = read_checkpoint(path)
     config = (checkpoint.get("hyper_parameters") or {}).get("run_config")
     if not config:
         raise ConfigError(
@@ -652,7 +660,7 @@ def load_checkpoint(
             whole["index_dir"] = None
         cfg = OmegaConf.merge(cfg, whole)
     model = build_model(cfg)
-    module = RagLitModule.load_from_checkpoint(str(path), model=model, map_location="cpu", weights_only=False)
+    module = RagLitModule.load_from_checkpoint(str(path), model=model, map_location="cpu", weights_only=True)
     module.eval()
     if index is not None:
         cfg.index = dict(index)

@@ -746,7 +746,7 @@ def export_checkpoint_weights(
     transformers RAG folder (what ``rag-convert export`` writes). ``settings`` are
     :func:`write_transformers_rag`'s other arguments. Returns the folder."""
     path = Path(ckpt_path).expanduser()
-    state = torch.load(path, map_location="cpu", weights_only=False).get("state_dict") or {}
+    state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict") or {}
     load_trained_part(generator, state, "model.generator.", path)
     if query_encoder is not None:
         load_trained_part(query_encoder, state, "model.query_encoder.", path)
