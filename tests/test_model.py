@@ -124,6 +124,24 @@ def test_learned_doc_scores_are_exact_inner_products_and_train_the_query_encoder
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_bf16_autocast_step_searches_in_float32_and_trains_the_query_encoder(parts):
+    # Lightning's precision=bf16-mixed runs the step under torch.autocast: the exact search must stay float32
+    # (the same ids and scores as outside autocast), the loss finite, the query encoder trained
+    index = parts["retriever"].index
+    q = np.random.default_rng(0).standard_normal((8, parts["doc_embeds"].shape[1])).astype(np.float32)
+    plain = index.search(q, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = index.search(q, 4)
+        model = make_model(parts, n_docs=4).train()
+        out = model(parts["questions"], parts["targets"])
+    assert cast[0].dtype == np.float32
+    np.testing.assert_array_equal(cast[1], plain[1])
+    np.testing.assert_array_equal(cast[0], plain[0])
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.query_encoder.parameters())
+
+
 @pytest.mark.parametrize("mode", ["frozen", "bm25"])
 def test_frozen_and_bm25_retrievers_get_no_gradient(parts, mode):
     model = make_model(parts, mode=mode, n_docs=3).train()

@@ -115,10 +115,12 @@ def exact_search_blocks(
     blocks: Sequence[tuple[int, torch.Tensor]], queries: torch.Tensor, n_docs: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact MIPS of (B, D) float32 queries over (offset, (n_i, D) block) pairs -> (B, K) scores, ids.
-    Blocks and queries on a GPU are scored there; the merge is on the CPU either way."""
-    if queries.device.type != "cpu":
-        return _exact_search_blocks_device(blocks, queries, n_docs)
-    return _exact_search_blocks_cpu(blocks, queries, n_docs)
+    Blocks and queries on a GPU are scored there; the merge is on the CPU either way. Scores are float32
+    also inside a bf16/fp16 autocast region (a bf16-mixed training or decoding step): exact means exact."""
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        if queries.device.type != "cpu":
+            return _exact_search_blocks_device(blocks, queries, n_docs)
+        return _exact_search_blocks_cpu(blocks, queries, n_docs)
 
 
 def exact_search(
