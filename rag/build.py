@@ -54,6 +54,7 @@ from rag.retrieval.indexer import (
     ensure_index,
 )
 from rag.retrieval.retriever import BM25Retriever, DenseRetriever, GoldRetriever, Retriever
+from rag.retrieval.sharded import ShardedIndex, ensure_embeddings
 from rag.types import Passage
 
 __all__ = [
@@ -381,10 +382,16 @@ def upgrade_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+_INCOMPLETE_EMBEDDINGS = (
+    "the document embeddings are incomplete (embed.num_shards > 1): embed every shard with rag-index first, "
+    "then train"
+)
+
+
 def dense_retriever(
     passages: Sequence[Passage],
     doc_encoder: BertEncoder,
-    index: DenseIndex,
+    index: DenseIndex | ShardedIndex,
     *,
     corpus_name: str,
     cache_dir: str | None = None,
@@ -400,10 +407,22 @@ def dense_retriever(
 
     ``mmap``: the index is memory-mapped, so the processes of a machine (DDP ranks) share one copy; training
     never adds to it.
+
+    ``index=sharded`` (a :class:`~rag.retrieval.sharded.ShardedIndex`): no index is built; the embeddings are
+    embedded when missing (:func:`~rag.retrieval.sharded.ensure_embeddings`) and each DDP rank reads its
+    shard of them at the first search; ``index_dir``, ``rebuild`` and ``mmap`` do not apply.
     """
     log.info(f"corpus {corpus_name}: {len(passages):,} passages")
     embed = dict(embed or {})
     cache_dir = cache_dir or str(default_cache_dir())
+    if isinstance(index, ShardedIndex):
+        embeddings_dir = embeddings_dir or default_embeddings_dir(
+            cache_dir, corpus_name, doc_encoder, embed.get("dtype", "float32")
+        )
+        doc_embeds = ensure_embeddings(passages, doc_encoder, embeddings_dir, embed=embed)
+        if doc_embeds is None:
+            raise ConfigError(_INCOMPLETE_EMBEDDINGS)
+        return DenseRetriever(index.build(doc_embeds), passages, None, doc_embeds=doc_embeds)
     result = ensure_index(
         passages,
         doc_encoder,
@@ -418,10 +437,7 @@ def dense_retriever(
         mmap=mmap,
     )
     if result.index is None:
-        raise ConfigError(
-            "the document embeddings are incomplete (embed.num_shards > 1): embed every shard with rag-index "
-            "first, then train"
-        )
+        raise ConfigError(_INCOMPLETE_EMBEDDINGS)
     index = result.index
     if result.built and mmap:  # from the file just written, mapped like the other processes' copies
         index = DenseIndex.load(result.index_dir, verify_checksum=False, verbose=False, mmap=True)

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rag.config_dir import conf_dir
 from rag.errors import ConfigError
 
-__all__ = ["CHOICES", "INDEX_NODES", "REQUIRED_GROUPS", "problems", "validate"]
+__all__ = ["CHOICES", "INDEX_NODES", "REQUIRED_GROUPS", "SHARDED_INDEX_TARGET", "problems", "validate"]
 
 
 def _heads() -> tuple:
@@ -109,6 +109,10 @@ REQUIRED_GROUPS: dict[str, Callable[[], tuple]] = {
 #: the config nodes that build a dense index: their ``_target_`` must be one of the index kinds
 INDEX_NODES: tuple[str, ...] = ("index", "indexes.*")
 
+#: the index sharded across DDP ranks (``index=sharded``): a run's ``index`` node may hold it, the saved
+#: indexes that rag-eval-retrieval compares (``indexes.*``) may not
+SHARDED_INDEX_TARGET = "rag.retrieval.sharded.ShardedIndex"
+
 
 @cache
 def _index_kinds() -> dict[str, str]:
@@ -185,6 +189,13 @@ def problems(cfg: DictConfig) -> list[str]:
                 continue
             target = str(node._target_)
             kinds = _index_kinds()
+            if target == SHARDED_INDEX_TARGET:
+                if path != "index":
+                    found.append(
+                        f"{path}._target_={target}: the sharded index serves DDP runs (index=sharded), not "
+                        f"the saved indexes compared here: use index@{path}=flat (exact, the same passages)"
+                    )
+                continue
             if target not in kinds:
                 group = "index" if path == "index" else f"index@{path}"
                 names = "|".join(dict.fromkeys(kinds.values()))

@@ -82,7 +82,10 @@ class DenseRetriever(Retriever):
     """Maximum inner product retrieval: a query encoder q(x) over a :class:`DenseIndex` of d(z).
 
     Args:
-        index: the built index over the N passages (rows in corpus order).
+        index: the built index over the N passages (rows in corpus order): a :class:`DenseIndex`, or a
+            :class:`~rag.retrieval.sharded.ShardedIndex` split across DDP ranks (then every retrieval is
+            collective: each rank retrieves for its own questions, all ranks at once, and reads the retrieved
+            rows' vectors from ``doc_embeds``, which every rank maps whole).
         passages: the N passages, in the order of the index rows.
         query_encoder: q(x); its dimension must equal the index's. Needed by ``retrieve``, not by
             ``retrieve_by_embeds``.
@@ -278,7 +281,8 @@ class DenseRetriever(Retriever):
         # memmaps read fastest in row order; gather the unique rows once
         unique, inverse = np.unique(flat, return_inverse=True)
         rows = np.asarray(self.doc_embeds[unique], dtype=np.float32)
-        return rows[inverse].reshape(*doc_ids.shape, -1)
+        # the dimension, not -1: a rank of a sharded search may have no questions (an empty batch)
+        return rows[inverse].reshape(*doc_ids.shape, self.dim)
 
 
 def write_index_source(index_dir: str | os.PathLike, **record) -> None:
