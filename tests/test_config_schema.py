@@ -97,12 +97,12 @@ def test_every_command_config_validates_and_has_a_verbosity(name, overrides):
         (
             "train",
             "index._target_=rag.retrieval.index.HNSW",
-            "index._target_=rag.retrieval.index.HNSW is not an index kind: choose one with index=<flat|hnsw|hnsw_sq8|ivfpq>",
+            "index._target_=rag.retrieval.index.HNSW is not an index kind: choose one with index=<flat|hnsw|hnsw_sq8|ivfpq|ivfpq_refine>",
         ),
         (
             "eval_retrieval",
             "indexes.hnsw._target_=x.Y",
-            "indexes.hnsw._target_=x.Y is not an index kind: choose one with index@indexes.hnsw=<flat|hnsw|hnsw_sq8|ivfpq>",
+            "indexes.hnsw._target_=x.Y is not an index kind: choose one with index@indexes.hnsw=<flat|hnsw|hnsw_sq8|ivfpq|ivfpq_refine>",
         ),
         (
             "evaluate",
@@ -114,7 +114,7 @@ def test_every_command_config_validates_and_has_a_verbosity(name, overrides):
         (
             "evaluate",
             "index_kind=hnws",
-            "index_kind=hnws is not allowed: use one of null, flat, hnsw, hnsw_sq8, ivfpq (did you mean index_kind=hnsw?)",
+            "index_kind=hnws is not allowed: use one of null, flat, hnsw, hnsw_sq8, ivfpq, ivfpq_refine (did you mean index_kind=hnsw?)",
         ),
         ("replicate", "split=dev", "split=dev is not allowed: use one of train, val, test"),
         (
@@ -156,7 +156,8 @@ def test_a_group_typo_names_the_options_with_a_suggestion(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert (
-        "index=hsnw: no such option; use one of flat, hnsw, hnsw_sq8, ivfpq (did you mean index=hnsw?)" in err
+        "index=hsnw: no such option; use one of flat, hnsw, hnsw_sq8, ivfpq, ivfpq_refine, sharded (did you mean index=hnsw?)"
+        in err
     )
 
 

@@ -22,6 +22,7 @@ DPR = (21_015_324, 768)
         ("hnsw", {"m": 16, "ef_construction": 40}),
         ("hnsw_sq8", {"m": 8, "ef_construction": 40, "train_size": 1000}),
         ("ivfpq", {"pq_m": 8, "pq_nbits": 6, "nlist": 20, "train_size": 2000}),
+        ("ivfpq_refine", {"pq_m": 8, "pq_nbits": 6, "nlist": 20, "train_size": 2000, "k_factor": 4}),
     ],
 )
 def test_plan_matches_the_memory_of_a_real_build(kind, params):
@@ -67,7 +68,8 @@ def test_refusal_names_the_kinds_that_fit():
     message = str(err.value)
     assert "hnsw (M=32) index over 21,015,324 vectors x 768 needs about 70.5 GB" in message
     assert "index=hnsw_sq8" in message and "index=ivfpq" in message and "index=flat" not in message
-    assert [e.kind for e in plan.fitting_kinds()] == ["hnsw_sq8", "ivfpq"]
+    # ivfpq_refine holds what ivfpq holds (its embeddings stay on disk) and ranks above it: exact scores
+    assert [e.kind for e in plan.fitting_kinds()] == ["hnsw_sq8", "ivfpq_refine", "ivfpq"]
     tight = plan_index_memory(*DPR, "hnsw", {"m": 32}, available_bytes=5 * 10**9)
     with pytest.raises(IndexMemoryError, match="use index=ivfpq") as err:
         tight.check()

@@ -1,7 +1,12 @@
 """`DenseIndex`, the interface every index kind implements, with what all kinds share: input checks,
 build / add / search / reconstruct, the recall check after a build, the memory estimate before one, atomic
 save and checked load, and the registry of kinds (filled as the kinds in :mod:`rag.retrieval.kinds` are
-defined)."""
+defined).
+
+A kind may refer to files it does not hold (``ivfpq_refine`` re-scores from the embeddings files it was
+built from): ``save`` records them in the manifest's ``files`` beside the index's own data file, and
+``load`` finds and checks them before reading the index (:class:`IndexEmbeddingsError` when they are
+missing or are not the ones it was built from)."""
 
 from __future__ import annotations
 
@@ -31,7 +36,13 @@ from rag.retrieval.arrays import (
     iter_chunks,
     to_float32,
 )
-from rag.retrieval.errors import IndexCorruptError, IndexDeviceError, IndexStateError, RetrievalInputError
+from rag.retrieval.errors import (
+    IndexCorruptError,
+    IndexDeviceError,
+    IndexMismatchError,
+    IndexStateError,
+    RetrievalInputError,
+)
 from rag.retrieval.exact import SCORE_BUDGET_BYTES, probe_queries, recall_vs_exact
 from rag.retrieval.manifest import (
     FORMAT_VERSION,
@@ -46,7 +57,14 @@ from rag.retrieval.manifest import (
     rebuild_hint,
 )
 
-__all__ = ["INDEX_KINDS", "DenseIndex", "MemoryEstimate", "kind_class", "require_faiss_gpu"]
+__all__ = [
+    "INDEX_KINDS",
+    "DenseIndex",
+    "IndexEmbeddingsError",
+    "MemoryEstimate",
+    "kind_class",
+    "require_faiss_gpu",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +77,18 @@ _RECALL_PROBES = 256
 
 
 def kind_class(kind: str) -> type[DenseIndex]:
-    """The class of index kind ``kind`` ("flat", "hnsw", "hnsw_sq8", "ivfpq")."""
+    """The class of index kind ``kind`` ("flat", "hnsw", "hnsw_sq8", "ivfpq", "ivfpq_refine")."""
     try:
         return INDEX_KINDS[kind]
     except KeyError:
         raise RetrievalInputError(
             f"unknown index kind {kind!r}: choose one of {', '.join(INDEX_KINDS)}"
         ) from None
+
+
+class IndexEmbeddingsError(IndexMismatchError):
+    """The embeddings files a saved index re-scores from are missing, moved, or not the ones it was built
+    from (``differences``: ``{"embeddings": (recorded, found)}``)."""
 
 
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -92,6 +115,10 @@ class MemoryEstimate:
     index_bytes: int  # held by the built index (also its file size on disk, within a few percent)
     build_bytes: int  # peak while building: the index plus what the build holds beside it
     notes: list[str] = field(default_factory=list)  # parameters the figure had to assume otherwise
+    # at most this much more while a search runs (ivfpq_refine's candidate buffer); 0: nothing to speak of
+    search_bytes: int = 0
+    # files on disk the index reads but does not hold (ivfpq_refine's memory-mapped embeddings: page cache)
+    disk_bytes: int = 0
 
 
 def require_faiss_gpu() -> None:
@@ -156,7 +183,8 @@ class DenseIndex:
 
     @classmethod
     def create(cls, kind: str, **params) -> DenseIndex:
-        """An empty index of ``kind`` ("flat", "hnsw", "hnsw_sq8", "ivfpq") with its constructor params."""
+        """An empty index of ``kind`` ("flat", "hnsw", "hnsw_sq8", "ivfpq", "ivfpq_refine") with its
+        constructor params."""
         return kind_class(kind)(**params)
 
     # -- what subclasses provide -------------------------------------------------------------------
@@ -189,6 +217,25 @@ class DenseIndex:
     def _memory_notes(self, dim: int) -> list[str]:
         """Parameters the memory figure had to assume otherwise for this dimension."""
         return []
+
+    def _search_bytes(self, n: int, dim: int, embed_dtype: str) -> int:
+        """Bytes a search holds beyond the index, bounded whatever the batch (0: nothing to speak of)."""
+        return 0
+
+    def _disk_bytes(self, n: int, dim: int, embed_dtype: str) -> int:
+        """Bytes of files the index reads at search time without holding them (memory-mapped)."""
+        return 0
+
+    def _referenced_files(self, directory: Path) -> dict[str, dict[str, Any]]:
+        """Manifest ``files`` entries for files outside ``directory`` the index reads at search time;
+        raise here, before anything is written, when they cannot be referred to."""
+        return {}
+
+    def _attach_referenced_files(
+        self, directory: Path, manifest: IndexManifest, override: str | os.PathLike | None
+    ) -> None:
+        """Find and check the files ``_referenced_files`` recorded (``override``: where to look first);
+        raise :class:`IndexEmbeddingsError` when they are missing or differ."""
 
     def _reset(self, dim: int) -> None:
         raise NotImplementedError
@@ -241,11 +288,15 @@ class DenseIndex:
         block = rows * (dim + 1) * 4 * (2 if embed_dtype == "float16" else 1)
         recall = 0 if self.is_exact else min(SCORE_BUDGET_BYTES, _RECALL_PROBES * rows * 4)
         held = self._index_bytes(n, dim)
+        search = self._search_bytes(n, dim, embed_dtype)
+        build = held + block + recall + self._training_bytes(n, dim)
         return MemoryEstimate(
             params=self._memory_params(n, dim),
             index_bytes=int(held),
-            build_bytes=int(held + block + recall + self._training_bytes(n, dim)),
+            build_bytes=int(max(build, held + search)),
             notes=self._memory_notes(dim),
+            search_bytes=int(search),
+            disk_bytes=int(self._disk_bytes(n, dim, embed_dtype)),
         )
 
     @classmethod
@@ -425,6 +476,7 @@ class DenseIndex:
                     f"manifest says {name}={given} but the index holds {name}={have}: the manifest "
                     "describes another corpus or encoder"
                 )
+        referenced = self._referenced_files(directory)  # refused here, before the data is written
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         data_path = directory / f"index-{stamp}-{secrets.token_hex(4)}{self._data_suffix()}"
         # 1. the data, under a name no manifest refers to yet (fsynced before the rename)
@@ -440,7 +492,7 @@ class DenseIndex:
         m.versions = library_versions()
         m.state = self._state()
         m.format_version = FORMAT_VERSION
-        m.files = {"index": file_record(data_path)}
+        m.files = {"index": file_record(data_path), **referenced}
         # 2. the manifest naming it, replacing the old one in one rename; 3. the old data files
         try:
             write_text_atomic(directory / MANIFEST_NAME, m.to_json())
@@ -459,6 +511,7 @@ class DenseIndex:
         verify_checksum: bool = True,
         verbose: bool | None = None,
         mmap: bool = False,
+        embeddings: str | os.PathLike | None = None,
     ) -> DenseIndex:
         """Load an index saved by `save`. With ``expected``, refuse (`IndexMismatchError`) an index whose
         encoder, dimension, corpus, passage count or metric differ from the fields ``expected`` sets.
@@ -468,7 +521,12 @@ class DenseIndex:
         ``mmap=True`` maps the vectors / codes from the file instead of reading them into memory, so
         that the processes of one machine share them through the page cache (the HNSW graph links are
         still read into each process). Such an index is read-only: ``add`` refuses, ``build`` starts
-        afresh in memory."""
+        afresh in memory.
+
+        ``embeddings``: for a kind that re-scores from the embeddings it was built from (``ivfpq_refine``),
+        where to look for them first (their folder or ``.npy`` file), before the place the manifest
+        records (relative to ``directory``, then absolute); whatever is found must match the recorded
+        shape, dtype and fingerprint, else `IndexEmbeddingsError`. Other kinds ignore it."""
         directory = Path(directory)
         manifest = read_manifest(directory)
         check_expected(directory, manifest, expected)
@@ -483,11 +541,12 @@ class DenseIndex:
                 f"{directory} holds a {manifest.index_kind} index, not a {cls.kind or cls.__name__}: "
                 "load it with DenseIndex.load"
             )
-        path = check_data_file(directory, manifest, verify_checksum)
         params = dict(manifest.index_params)
         if verbose is not None:
             params["verbose"] = verbose
         index = kind_cls(**params)
+        index._attach_referenced_files(directory, manifest, embeddings)  # before the index file is read
+        path = check_data_file(directory, manifest, verify_checksum)
         index._dim = manifest.dim
         index._embed_dtype = manifest.embed_dtype
         index._read_only = bool(mmap)

@@ -12,6 +12,8 @@ q(x) (B, D) against the N document embeddings d(z) (N, D). Four kinds, each a cl
 - ``hnsw_sq8`` (`HNSWSQ8Index`): the same graph over 8-bit scalar-quantised vectors, d + 8M bytes each.
 - ``ivfpq`` (`IVFPQIndex`): an inverted file with product-quantised codes, <= 100 bytes per vector (the
   only way 21M passages fit in 24 GB, as transformers' "compressed" wiki index).
+- ``ivfpq_refine`` (`IVFPQRefineIndex`): the same codes in memory, their top ``k_factor * n_docs``
+  candidates re-scored exactly from the memory-mapped embeddings on disk (recall@10 >= 0.95).
 
 Every index: ``build(embeds)``, ``add(embeds)``, ``search(query_embeds, n_docs) -> (doc_scores, doc_ids)``
 with true inner products as scores and corpus rows 0..N-1 as ids, ``reconstruct(doc_ids)``, ``ntotal``,
@@ -34,7 +36,7 @@ from __future__ import annotations
 from rag.retrieval.arrays import DEFAULT_CHUNK_ROWS
 from rag.retrieval.base import INDEX_KINDS, DenseIndex, MemoryEstimate, kind_class
 from rag.retrieval.exact import SCORE_BUDGET_BYTES, exact_search, probe_queries, recall_vs_exact
-from rag.retrieval.kinds import FlatIndex, HNSWIndex, HNSWSQ8Index, IVFPQIndex
+from rag.retrieval.kinds import FlatIndex, HNSWIndex, HNSWSQ8Index, IVFPQIndex, IVFPQRefineIndex
 from rag.retrieval.manifest import FORMAT_VERSION, MANIFEST_NAME, METRIC, IndexManifest, read_manifest
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "HNSWIndex",
     "HNSWSQ8Index",
     "IVFPQIndex",
+    "IVFPQRefineIndex",
     "IndexManifest",
     "MemoryEstimate",
     "estimate_memory_bytes",

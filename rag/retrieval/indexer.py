@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rag.data import miniwiki
+from rag.retrieval.base import IndexEmbeddingsError
 from rag.retrieval.embed import (
     EmbeddingsError,
     ShardedEmbeddings,
@@ -118,6 +119,11 @@ def ensure_index(
     index memory-mapped (read-only, its vectors shared by the processes of a machine). Before embedding,
     the memory each index kind needs is logged, and an index this machine cannot hold is refused
     (:mod:`rag.retrieval.memory`).
+
+    A kind that re-scores from the embeddings (``ivfpq_refine``) is built from the memory-mapped file in
+    ``embeddings_dir`` and saved with a reference to it; an existing one is loaded with its embeddings
+    looked for in ``embeddings_dir`` first, and rebuilt (re-embedding what is missing) when they are gone
+    or are not the ones it was built from.
     """
     embed = dict(embed or {})
     index_dir, embeddings_dir = Path(index_dir).expanduser(), Path(embeddings_dir).expanduser()
@@ -136,12 +142,20 @@ def ensure_index(
         same_params = saved.index_kind == index.kind and _comparable(saved.index_params) == _comparable(
             index.params()
         )
+        why = ""
         if not saved.differences(expected) and same_params:
-            log.info(f"reusing the {index.kind} index in {index_dir}")
-            loaded = DenseIndex.load(index_dir, expected=expected, verbose=index.verbose, mmap=mmap)
-            return IndexResult(loaded, index_dir, embeddings_dir, built=False)
+            try:
+                loaded = DenseIndex.load(
+                    index_dir, expected=expected, verbose=index.verbose, mmap=mmap, embeddings=embeddings_dir
+                )
+            except IndexEmbeddingsError as err:  # the embeddings it re-scores from are gone or changed
+                why = str(err)
+            else:
+                log.info(f"reusing the {index.kind} index in {index_dir}")
+                return IndexResult(loaded, index_dir, embeddings_dir, built=False)
         diffs = saved.differences(expected)
-        why = f"it was built for another {', '.join(diffs)}" if diffs else "its kind or parameters differ"
+        if not why:
+            why = f"it was built for another {', '.join(diffs)}" if diffs else "its kind or parameters differ"
         log.info(f"rebuilding the index in {index_dir}: {why}")
 
     # refuse an index this machine cannot hold before hours of embedding, not after

@@ -1,4 +1,5 @@
-"""The four index kinds: exact ``flat`` (torch), and faiss' ``hnsw``, ``hnsw_sq8`` and ``ivfpq``.
+"""The index kinds: exact ``flat`` (torch), faiss' ``hnsw``, ``hnsw_sq8`` and ``ivfpq``, and ``ivfpq_refine``
+(IVF-PQ whose candidates are re-scored exactly from the memory-mapped embeddings on disk).
 
 Each kind is a `DenseIndex` built by Hydra from ``conf/index/<kind>.yaml``; its constructor holds its default
 parameters, and it answers what it will hold for N vectors of dimension D before it is built
@@ -8,6 +9,7 @@ parameters, and it answers what it will hold for N vectors of dimension D before
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +20,18 @@ import numpy as np
 import torch
 
 from rag.retrieval.arrays import DEFAULT_CHUNK_ROWS, as_tensor, iter_chunks, rows_of, to_float32
-from rag.retrieval.base import DenseIndex, require_faiss_gpu
-from rag.retrieval.errors import IndexDeviceError, IndexStateError, RetrievalInputError
+from rag.retrieval.base import DenseIndex, IndexEmbeddingsError, require_faiss_gpu
+from rag.retrieval.errors import IndexCorruptError, IndexDeviceError, IndexStateError, RetrievalInputError
 from rag.retrieval.exact import exact_search_blocks
-from rag.retrieval.manifest import IndexManifest
+from rag.retrieval.manifest import (
+    MANIFEST_NAME,
+    IndexManifest,
+    array_fingerprint,
+    embeddings_part_record,
+    rebuild_hint,
+)
 
-__all__ = ["FlatIndex", "HNSWIndex", "HNSWSQ8Index", "IVFPQIndex"]
+__all__ = ["REFINE_BUFFER_BYTES", "FlatIndex", "HNSWIndex", "HNSWSQ8Index", "IVFPQIndex", "IVFPQRefineIndex"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -41,7 +49,7 @@ class FlatIndex(DenseIndex):
 
     kind = "flat"
     is_exact = True
-    plan_rank = 3  # exact, but slow at scale: recommended last
+    plan_rank = 4  # exact, but slow at scale: recommended last
 
     def __init__(self, chunk_rows: int = DEFAULT_CHUNK_ROWS, recall_probes: int = 0, verbose: bool = True):
         super().__init__(chunk_rows=chunk_rows, recall_probes=recall_probes, verbose=verbose)
@@ -234,15 +242,19 @@ class _FaissIndex(DenseIndex):
             scores = ((q_sq + self._phi - dist.astype(np.float64)) / 2).astype(np.float32)
         else:
             scores = dist
+        self._mark_missing(scores, ids, n_docs)
+        return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
+
+    def _mark_missing(self, scores: np.ndarray, ids: np.ndarray, n_docs: int) -> None:
+        """Score -inf where faiss found no passage (id -1), and warn that it happened."""
         missing = ids < 0
         if missing.any():
             scores[missing] = -np.inf
             warnings.warn(
                 f"the {self.kind} index found fewer than n_docs={n_docs} passages for "
                 f"{int(missing.any(1).sum())} of {len(ids)} queries (ids -1): raise {self._recall_knob()}",
-                stacklevel=3,
+                stacklevel=4,
             )
-        return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
 
     def _reconstruct(self, ids: np.ndarray) -> np.ndarray:
         return self._index.reconstruct_batch(ids)[:, : self._dim]
@@ -489,7 +501,7 @@ class IVFPQIndex(_FaissIndex):
     """
 
     kind = "ivfpq"
-    plan_rank = 2
+    plan_rank = 3
     _MMAP_FLAG: ClassVar[int] = faiss.IO_FLAG_MMAP  # maps the inverted lists
 
     def __init__(
@@ -653,3 +665,258 @@ class IVFPQIndex(_FaissIndex):
         super()._add_all(embeds, desc)
         if getattr(self, "_gpu_index", None) is not None:
             self.to_gpu(self._gpu_device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# IVF-PQ re-scored from the embeddings on disk
+
+#: bytes of candidate vectors a refined search reads into memory at a time (as float64, from the
+#: memory-mapped embeddings): the bound on what a search holds beyond the index
+REFINE_BUFFER_BYTES = 32 * 2**20
+
+
+def _refine_rows(dim: int, itemsize: int = 4) -> int:
+    """Candidate rows re-scored per block: a float64 copy and the stored row each, within the buffer."""
+    return max(1, REFINE_BUFFER_BYTES // (dim * (8 + itemsize)))
+
+
+def _backing_file(rows) -> tuple[Path | None, str]:
+    """The ``.npy`` file ``rows`` reads (a memmap of the whole file), or None and why not."""
+    name = getattr(rows, "filename", None) if isinstance(rows, np.memmap) else None
+    if not name:
+        return None, "held in memory"
+    path = Path(name)
+    try:
+        stored = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None, f"read from {path}, which is no longer a readable .npy file"
+    if (
+        stored.shape != rows.shape
+        or stored.dtype != rows.dtype
+        or array_fingerprint(stored) != array_fingerprint(rows)
+    ):
+        return None, f"a view of part of {path} or a file that changed since the build"
+    return path, ""
+
+
+def _itemsize(embed_dtype: str) -> int:
+    return 2 if embed_dtype == "float16" else 4
+
+
+class IVFPQRefineIndex(IVFPQIndex):
+    """IVF-PQ whose top ``k_factor * n_docs`` candidates are re-scored exactly from the stored embeddings.
+
+    The compressed index (pq_m code bytes + 8 id bytes per vector, the cells' centroids and the PQ
+    codebooks) is all this kind holds in memory; the exact inner products of its candidates are computed
+    from the (N, D) float16 or float32 embeddings it was built from, which it refers to and does not copy:
+    the memory-mapped ``.npy`` files of the embedding step stay on disk (page cache), the candidates' rows
+    are read in row order, converted to float64, scored against the queries and rounded to float32, and
+    the top n_docs come back ordered as exact search orders them (higher score first, equal scores by
+    lower row). This is faiss' ``IndexRefineFlat`` (a base index asked for ``k_factor * k`` candidates,
+    re-ranked by exact distances) without its in-memory copy of every vector: 21M x 768 needs about 1.5
+    GB of RAM instead of 66 GB, plus the embeddings on disk (32 GB in float16).
+
+    Built from a memory-mapped file (``np.load(path, mmap_mode="r")``, as ``rag-index`` does), the index
+    saves a reference to it (path relative to the index folder and absolute, shape, dtype, size and a
+    fingerprint of its rows); ``DenseIndex.load`` refuses, with `IndexEmbeddingsError`, embeddings that
+    are missing or are not those. Built from an array in memory, it re-scores from that array (it keeps
+    a reference: changing the array changes the results) and cannot be saved. ``add`` re-scores the new
+    rows from what it is given, in the same way.
+
+    Recall against exact search is that of the candidate list: the share of the true top n_docs among
+    IVF-PQ's top ``k_factor * n_docs`` in the ``nprobe`` cells searched. Re-scoring costs
+    ``k_factor * n_docs`` row reads per query (from disk when the embeddings are not in the page cache).
+
+    Args:
+        k_factor: candidates per result re-scored exactly (faiss' ``k_factor``).
+        nlist, pq_m, pq_nbits, nprobe, train_size: as `IVFPQIndex`.
+    """
+
+    kind = "ivfpq_refine"
+    plan_rank = 2  # exact scores and recall near HNSW-SQ8's in IVF-PQ's memory, the embeddings on disk
+
+    def __init__(
+        self,
+        k_factor: int = 50,
+        nlist: int | None = None,
+        pq_m: int = 64,
+        pq_nbits: int = 8,
+        nprobe: int = 64,
+        train_size: int = 200_000,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        recall_probes: int = 256,
+        verbose: bool = True,
+    ):
+        super().__init__(
+            nlist=nlist,
+            pq_m=pq_m,
+            pq_nbits=pq_nbits,
+            nprobe=nprobe,
+            train_size=train_size,
+            chunk_rows=chunk_rows,
+            recall_probes=recall_probes,
+            verbose=verbose,
+        )
+        if k_factor < 1:
+            raise RetrievalInputError(f"k_factor must be >= 1 (candidates per result), got {k_factor}")
+        self.k_factor = int(k_factor)
+        self._parts: list[tuple[int, Any]] = []  # (first row, (n_i, D) rows) the candidates are read from
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "k_factor": self.k_factor}
+
+    def search_settings(self) -> dict[str, Any]:
+        return {**super().search_settings(), "k_factor": self.k_factor}
+
+    def _recall_knob(self) -> str:
+        return "k_factor or nprobe (or pq_m when rebuilding)"
+
+    # -- the embeddings it re-scores from --------------------------------------------------------------
+
+    def _prepare(self, embeds) -> None:
+        self._parts = []
+        super()._prepare(embeds)
+
+    def _clear(self) -> None:
+        super()._clear()
+        self._parts = []
+
+    def _add_all(self, embeds, desc: str) -> None:
+        start = self.ntotal
+        super()._add_all(embeds, desc)
+        self._parts.append((start, embeds))
+
+    def _read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The stored vectors of sorted, distinct rows as float64 (len, D), read in row order."""
+        out = np.empty((rows.size, self._dim), np.float64)
+        for start, part in self._parts:
+            lo, hi = np.searchsorted(rows, [start, start + part.shape[0]])
+            if lo == hi:
+                continue
+            local = rows[lo:hi] - start
+            if isinstance(part, torch.Tensor):
+                out[lo:hi] = part[torch.from_numpy(local).to(part.device)].cpu().double().numpy()
+            else:
+                out[lo:hi] = part[local]
+        return out
+
+    # -- search --------------------------------------------------------------------------------------
+
+    def _search(self, queries: np.ndarray, n_docs: int) -> tuple[np.ndarray, np.ndarray]:
+        n_cand = min(self.ntotal, self.k_factor * n_docs)
+        _, cand = self._faiss_search(queries, n_cand)  # (B, C), -1 where fewer were found
+        top_scores = np.full((len(queries), n_docs), -np.inf, np.float32)  # (B, K)
+        top_ids = np.full((len(queries), n_docs), -1, np.int64)
+        rows_per_block = _refine_rows(self._dim)
+        for j, (q, row) in enumerate(zip(queries.astype(np.float64), cand.astype(np.int64, copy=False))):
+            rows = np.sort(row[row >= 0])  # read in row order
+            exact = np.empty(rows.size, np.float64)
+            for r0 in range(0, rows.size, rows_per_block):
+                # q·d from the float32 / float16 values in float64 (a product of two float32 values is
+                # exact in float64), rounded to float32 below: the true inner product to float32 precision
+                exact[r0 : r0 + rows_per_block] = self._read_rows(rows[r0 : r0 + rows_per_block]) @ q
+            scores = exact.astype(np.float32)
+            best = np.lexsort((rows, -scores))[:n_docs]  # exact search's order: score, then lower row
+            top_scores[j, : best.size] = scores[best]
+            top_ids[j, : best.size] = rows[best]
+        self._mark_missing(top_scores, top_ids, n_docs)
+        return top_scores, top_ids
+
+    def _reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """The stored embeddings themselves (exact), not the decoded codes."""
+        rows, position = np.unique(ids, return_inverse=True)
+        return self._read_rows(rows).astype(np.float32)[position]
+
+    # -- memory: the compressed index in RAM, the embeddings on disk -----------------------------------
+
+    def _search_bytes(self, n: int, dim: int, embed_dtype: str) -> int:
+        # one block of one query's candidate rows: the stored rows and their float64 copy, the rows' ids
+        # and scores; faiss' own candidate list (12 bytes per candidate of the query batch) comes on top
+        itemsize = _itemsize(embed_dtype)
+        rows = min(n, _refine_rows(dim, itemsize))
+        return int(rows * (dim * (8 + itemsize) + 8 + 8 + 4 + 8))
+
+    def _disk_bytes(self, n: int, dim: int, embed_dtype: str) -> int:
+        return n * dim * _itemsize(embed_dtype)
+
+    # -- save / load: a reference to the embeddings, checked -------------------------------------------
+
+    def _referenced_files(self, directory: Path) -> dict[str, dict[str, Any]]:
+        records = []
+        for start, part in self._parts:
+            path, why = _backing_file(part)
+            if path is None:
+                raise IndexStateError(
+                    f"the {self.kind} index re-scores rows {start}..{start + part.shape[0] - 1} from embeddings "
+                    f"{why}, which a saved index cannot refer to: build it from the embeddings' .npy file "
+                    "opened memory-mapped (np.load(path, mmap_mode='r'), as rag-index does), then save"
+                )
+            records.append(embeddings_part_record(path, start, part, directory))
+        return {"embeddings": {"rows": self.ntotal, "dim": self._dim, "parts": records}}
+
+    def _attach_referenced_files(
+        self, directory: Path, manifest: IndexManifest, override: str | os.PathLike | None
+    ) -> None:
+        record = manifest.files.get("embeddings") or {}
+        parts = record.get("parts") or []
+        if not parts or sum(int(p["rows"]) for p in parts) != manifest.n_passages:
+            raise IndexCorruptError(
+                f"{directory / MANIFEST_NAME} names an {self.kind} index but not the embeddings of all its "
+                f"{manifest.n_passages} rows that it re-scores from: rebuild it{rebuild_hint(manifest, directory)}"
+            )
+        self._parts = [
+            (int(p["start"]), _open_recorded_part(p, directory, manifest, override, len(parts)))
+            for p in parts
+        ]
+
+
+def _open_recorded_part(
+    record: dict[str, Any],
+    directory: Path,
+    manifest: IndexManifest,
+    override: str | os.PathLike | None,
+    n_parts: int,
+) -> np.ndarray:
+    """The memory-mapped embeddings file ``record`` describes, looked for at ``override`` (its folder, or
+    the file itself when there is one part), then at the recorded path relative to ``directory``, then
+    at the recorded absolute path: the first one whose shape, dtype and fingerprint match."""
+    candidates = []
+    if override is not None:
+        given = Path(override).expanduser()
+        candidates.append(given / record["name"] if given.is_dir() or n_parts > 1 else given)
+    candidates += [directory / record["path"], Path(record["absolute"])]
+    want = f"({record['rows']}, {record['dim']}) {record['dtype']}"
+    rows = f"rows {record['start']}..{record['start'] + record['rows'] - 1}"
+    seen, mismatch = set(), None
+    for path in candidates:
+        path = Path(os.path.abspath(path))
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            mismatch = mismatch or (path, f"not a readable .npy file ({type(exc).__name__})")
+            continue
+        found = f"{tuple(array.shape)} {array.dtype}"
+        if tuple(array.shape) != (record["rows"], record["dim"]) or str(array.dtype) != record["dtype"]:
+            mismatch = mismatch or (path, f"it holds {found}, the index was built from {want}")
+            continue
+        if array_fingerprint(array) != record["fingerprint"]:
+            mismatch = mismatch or (path, f"same shape {want} but other values (another encoder or corpus)")
+            continue
+        return array
+    fix = f"rebuild the index{rebuild_hint(manifest, directory)}"
+    if mismatch is not None:
+        path, why = mismatch
+        raise IndexEmbeddingsError(
+            f"the embeddings at {path} are not the ones the {manifest.index_kind} index in {directory} was built "
+            f"from ({rows}): {why}; load it with embeddings=<the folder it was built from>, or {fix}",
+            {"embeddings": (record["fingerprint"], str(path))},
+        )
+    raise IndexEmbeddingsError(
+        f"the {manifest.index_kind} index in {directory} re-scores from the embeddings {record['absolute']} "
+        f"({rows}), which are missing (moved or deleted): put them back, load it with embeddings=<their new "
+        f"folder>, or {fix}",
+        {"embeddings": (record["absolute"], None)},
+    )

@@ -5,7 +5,9 @@ At paper scale the choice of index is a memory decision. For DPR's 21,015,324 pa
 - ``flat`` holds the float32 vectors, 4D bytes each: 64.6 GB;
 - ``hnsw`` adds M graph links per level to them, 4D + ~8M bytes each (M=32: 70.3 GB; DPR's M=512: 151 GB);
 - ``hnsw_sq8`` keeps 8-bit codes instead, D + ~8M bytes each (M=32: 21.9 GB);
-- ``ivfpq`` keeps ``pq_m`` code bytes and an 8-byte id each (pq_m=64: 1.5 GB).
+- ``ivfpq`` keeps ``pq_m`` code bytes and an 8-byte id each (pq_m=64: 1.5 GB);
+- ``ivfpq_refine`` holds the same in RAM (1.5 GB) and a bounded candidate buffer while searching (34 MB),
+  and re-scores from the embeddings on disk (32.3 GB in float16), memory-mapped: page cache, not counted.
 
 :func:`plan_index_memory` makes that table for the N, D and index parameters at hand, next to the memory this
 machine has available (:func:`log_plan` logs it), and :meth:`MemoryPlan.check` refuses a build that cannot
@@ -107,6 +109,8 @@ class KindEstimate:
     index_bytes: int  # held by the built index (also its file size on disk, within a few percent)
     build_bytes: int  # peak while building: the index plus what the build holds beside it
     fits: bool | None = None  # None when the available memory is unknown
+    search_bytes: int = 0  # at most this much more while a search runs (ivfpq_refine's candidate buffer)
+    disk_bytes: int = 0  # files it reads memory-mapped without holding them (ivfpq_refine's embeddings)
 
     def describe(self) -> str:
         shown = ", ".join(f"{k}={v}" for k, v in self.params.items())
@@ -134,7 +138,8 @@ class MemoryPlan:
         return None if self.available_bytes is None else int(self.available_bytes * self.headroom)
 
     def fitting_kinds(self) -> list[KindEstimate]:
-        """Kinds that fit, most accurate first (hnsw, hnsw_sq8, ivfpq, then flat: exact but slow at scale)."""
+        """Kinds that fit, most accurate first (hnsw, hnsw_sq8, ivfpq_refine, ivfpq, then flat: exact but
+        slow at scale)."""
         return sorted((e for e in self.estimates if e.fits), key=lambda e: INDEX_KINDS[e.kind].plan_rank)
 
     def table(self) -> str:
@@ -149,13 +154,21 @@ class MemoryPlan:
                 else "unknown"
             )
         )
-        rows = [head, f"  {'kind':<40} {'index':>10} {'build peak':>11}  fits"]
+        width = max([40] + [len(e.describe()) for e in self.estimates])
+        rows = [head, f"  {'kind':<{width}} {'index':>10} {'build peak':>11}  fits"]
         for e in self.estimates:
             mark = "yes" if e.fits else ("?" if e.fits is None else "NO")
             star = " <- asked for" if e.kind == self.kind else ""
             rows.append(
-                f"  {e.describe():<40} {_fmt(e.index_bytes):>10} {_fmt(e.build_bytes):>11}  {mark}{star}"
+                f"  {e.describe():<{width}} {_fmt(e.index_bytes):>10} {_fmt(e.build_bytes):>11}  {mark}{star}"
             )
+        for e in self.estimates:
+            if e.disk_bytes:
+                dtype = "float16" if self.embed_bytes_per_value == 2 else "float32"
+                rows.append(
+                    f"  {e.kind}: index = RAM, + {_fmt(e.search_bytes)} while searching; re-scores from the "
+                    f"{_fmt(e.disk_bytes)} of {dtype} embeddings on disk (memory-mapped: page cache, not counted)"
+                )
         rows += [f"  {note}" for note in self.notes]
         return "\n".join(rows)
 
@@ -210,7 +223,9 @@ def plan_index_memory(
         if cls is asked:
             notes = e.notes
         fits = None if available_bytes is None else e.build_bytes <= available_bytes * headroom
-        estimates.append(KindEstimate(name, e.params, e.index_bytes, e.build_bytes, fits))
+        estimates.append(
+            KindEstimate(name, e.params, e.index_bytes, e.build_bytes, fits, e.search_bytes, e.disk_bytes)
+        )
     return MemoryPlan(
         n=n,
         dim=dim,
